@@ -1,0 +1,142 @@
+"""GPU and model catalogs, read from the data files under hwmodels/data/."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from servesim.sim.errors import ConfigError
+
+DATA = Path(__file__).parent / "data"
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_bytes: float
+    mem_bw: float            # bytes/s, peak
+    bf16_flops: float        # FLOP/s, dense peak
+    fp8_flops: float | None
+    link_bw: float | None    # bytes/s per direction to peers in the node
+    usd_per_hour: float | None
+    compute_efficiency: float
+    memory_efficiency: float
+    kernel_floor_s: float
+    source: str
+
+    def peak_flops(self, dtype: str) -> float:
+        if dtype == "fp8":
+            if not self.fp8_flops:
+                raise ConfigError(f"gpu {self.name} has no fp8 tensor cores in the catalog; use dtype bf16")
+            return self.fp8_flops
+        return self.bf16_flops
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    params: float
+    active_params: float
+    num_experts: int = 0
+    experts_per_token: int = 0
+    shared_experts: int = 0
+    attention: str = "gqa"
+    mla_kv_lora_rank: int = 0
+    mla_qk_rope_head_dim: int = 0
+    tie_word_embeddings: bool = False
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+
+def _load(name: str) -> dict:
+    with open(DATA / name) as f:
+        return yaml.safe_load(f)
+
+
+def _resolve(table: dict, key: str, what: str) -> str:
+    if key in table:
+        return key
+    for name, entry in table.items():
+        if key in entry.get("aliases", []) or key.lower() == name.lower():
+            return name
+    names = sorted(list(table) + [a for e in table.values() for a in e.get("aliases", [])])
+    near = difflib.get_close_matches(key, names, n=3)
+    hint = f"; did you mean {', '.join(near)}?" if near else ""
+    raise ConfigError(f"unknown {what} {key!r}{hint} (known: {', '.join(sorted(table))})")
+
+
+@lru_cache(maxsize=None)
+def gpu_table() -> dict:
+    return _load("gpus.yaml")
+
+
+@lru_cache(maxsize=None)
+def model_table() -> dict:
+    return _load("models.yaml")
+
+
+@lru_cache(maxsize=None)
+def get_gpu(key: str) -> GPU:
+    name = _resolve(gpu_table(), key, "gpu")
+    e = gpu_table()[name]
+    for req in ("memory_gb", "mem_bw_tbps", "bf16_tflops"):
+        if e.get(req) is None:
+            raise ConfigError(f"gpu {name} lacks {req} in the catalog; it cannot be simulated")
+    link = e.get("intra_node_bw_gbps")
+    return GPU(
+        name=name,
+        memory_bytes=e["memory_gb"] * GIB,  # aiconfigurator gives NVIDIA capacities in GiB (e.g. 85899345920 B)
+        mem_bw=e["mem_bw_tbps"] * 1e12,
+        bf16_flops=e["bf16_tflops"] * 1e12,
+        fp8_flops=e["fp8_tflops"] * 1e12 if e.get("fp8_tflops") else None,
+        link_bw=link * 1e9 if link else None,
+        usd_per_hour=e.get("usd_per_hour"),
+        compute_efficiency=e["compute_efficiency"],
+        memory_efficiency=e["memory_efficiency"],
+        kernel_floor_s=e["kernel_floor_us"] * 1e-6,
+        source=e["source"],
+    )
+
+
+@lru_cache(maxsize=None)
+def get_model(key: str) -> ModelSpec:
+    name = _resolve(model_table(), key, "model")
+    e = model_table()[name]
+    if e.get("attention") == "mla":
+        head_dim = e.get("head_dim") or 128  # MLA: qk_nope_head_dim 128 (models.csv notes)
+    else:
+        head_dim = e.get("head_dim") or e["hidden_size"] // e["num_attention_heads"]
+    return ModelSpec(
+        name=name,
+        num_layers=e["num_layers"],
+        hidden_size=e["hidden_size"],
+        intermediate_size=e["intermediate_size"],
+        num_attention_heads=e["num_attention_heads"],
+        num_kv_heads=e["num_kv_heads"],
+        head_dim=head_dim,
+        vocab_size=e["vocab_size"],
+        max_position_embeddings=e["max_position_embeddings"],
+        params=e["params_b"] * 1e9,
+        active_params=e["active_params_b"] * 1e9,
+        num_experts=e.get("num_experts") or 0,
+        experts_per_token=e.get("experts_per_token") or 0,
+        shared_experts=e.get("shared_experts") or 0,
+        attention=e.get("attention", "gqa"),
+        mla_kv_lora_rank=e.get("mla_kv_lora_rank") or 0,
+        mla_qk_rope_head_dim=e.get("mla_qk_rope_head_dim") or 0,
+        tie_word_embeddings=bool(e.get("tie_word_embeddings", False)),
+    )

@@ -1,0 +1,36 @@
+"""The step-time seam: what one engine iteration costs for a batch of given shapes.
+
+A batch is described by shapes only. Each scheduled sequence processes `new` tokens on top of
+`cached` tokens already in its KV cache; decodes are the sequences with exactly one new token
+that continue an already-started output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+
+@dataclass(slots=True)
+class BatchShape:
+    prefill_new: list[int] = field(default_factory=list)      # chunk length per prefilling sequence
+    prefill_cached: list[int] = field(default_factory=list)   # tokens already cached before the chunk
+    decode_cached: list[int] = field(default_factory=list)    # tokens cached before each decode token
+    num_sampled: int = 0  # sequences that produce a token this step (LM head + sampling rows)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.prefill_new) + len(self.decode_cached)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefill_new and not self.decode_cached
+
+
+class StepTime(NamedTuple):
+    seconds: float
+    flops: float       # useful model FLOPs of the step (for MFU)
+    bytes: float       # bytes moved to/from device memory (for MBU)
+
+
+class StepTimeModel(Protocol):
+    def step_time(self, batch: BatchShape) -> StepTime: ...

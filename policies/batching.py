@@ -1,0 +1,92 @@
+"""Batching policies: which sequences run in the next iteration and how many tokens each gets.
+
+A policy works on the replica's queues through a small context (`sim.replica.Queues`): `waiting`
+(a deque, FCFS), `running` (a list, admission order), `pool` (the KV block pool) and
+`preempt(req)` (recompute preemption: blocks freed, progress lost, back to the waiting front).
+It returns [(request, num_new_tokens), ...]. It keeps no clock and no state between steps.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class BatchingPolicy(Protocol):
+    def schedule(self, q, now: float) -> list: ...
+
+
+class ContinuousBatching:
+    """vLLM v1's scheduler: one token budget, running requests first, then FCFS admissions.
+
+    Running requests each get their remaining tokens (1 for a decode, the rest of the prompt chunk
+    otherwise) within the budget. When the pool cannot hold a running request's next tokens, the
+    most recently admitted running request is preempted (recompute), possibly the request itself.
+    Waiting requests are admitted only in steps that preempted nothing, up to max_num_seqs.
+    Without chunked prefill a prompt is never split; one larger than the whole budget runs alone.
+    """
+
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, enable_chunked_prefill: bool = True):
+        self.max_num_seqs = max_num_seqs
+        self.budget = max_num_batched_tokens
+        self.chunked = enable_chunked_prefill
+
+    def can_admit(self, q) -> bool:
+        return len(q.running) < self.max_num_seqs
+
+    def schedule(self, q, now: float) -> list:
+        budget = self.budget
+        out = []
+        running, pool = q.running, q.pool
+        preempted = False
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            n = min(req.num_tokens - req.num_computed, budget)
+            while not pool.allocate(req, req.num_computed + n):
+                victim = running.pop()
+                q.preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                out.append((req, n))
+                budget -= n
+                i += 1
+        if preempted:
+            return out
+        waiting = q.waiting
+        while waiting and budget > 0 and self.can_admit(q):
+            req = waiting[0]
+            hits = pool.lookup(req, req.num_tokens - 1)    # at least one token must be computed
+            cached = len(hits) * pool.block_size
+            n = req.num_tokens - cached
+            if n > budget:
+                if not self.chunked and out:
+                    break
+                if self.chunked:
+                    n = budget
+            if not pool.allocate(req, cached + n, hits):
+                break
+            waiting.popleft()
+            running.append(req)
+            req.num_computed = cached
+            req.num_cached_tokens = max(req.num_cached_tokens, cached)
+            out.append((req, n))
+            budget -= n
+        return out
+
+
+class StaticBatching(ContinuousBatching):
+    """Request-level batching (the pre-Orca baseline): a batch is formed only when the previous one
+    has fully drained; prompts run whole; finished sequences leave but nobody joins mid-batch."""
+
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, enable_chunked_prefill: bool = False):
+        super().__init__(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill=False)
+        self._forming = False
+
+    def schedule(self, q, now: float) -> list:
+        # admissions happen only in the step that starts a batch (running empty at its start)
+        self._forming = not q.running
+        return super().schedule(q, now)
+
+    def can_admit(self, q) -> bool:
+        return self._forming and len(q.running) < self.max_num_seqs

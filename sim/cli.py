@@ -1,0 +1,116 @@
+"""The `servesim` command line."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import ServesimError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="servesim: discrete-event simulator of LLM serving clusters.")
+err = Console(stderr=True)
+
+
+def friendly(fn):
+    """User errors print one clear message and exit 2; no traceback."""
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        try:
+            return fn(*a, **k)
+        except ServesimError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+@app.command()
+@friendly
+def run(config: Path = typer.Argument(..., help="YAML config file"),
+        out: Optional[Path] = typer.Option(None, "-o", "--out", help="output folder (default runs/<name>)"),
+        set_: List[str] = typer.Option([], "--set", help="override a key: --set fleet.replicas.0.count=8"),
+        seed: Optional[int] = typer.Option(None, help="override the config's seed"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar, no summary"),
+        no_plots: bool = typer.Option(False, "--no-plots", help="skip the PNG plots")):
+    """Simulate a config and write report.json, requests.csv, summary.md and plots."""
+    from .config import load_config
+    from .report import summary_markdown, write_outputs
+    from .run import simulate
+
+    overrides = list(set_) + ([f"seed={seed}"] if seed is not None else [])
+    cfg, base = load_config(config, overrides)
+    out = out or Path("runs") / cfg.name
+    show = not quiet and sys.stderr.isatty()
+    if show:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                      TimeElapsedColumn(), console=err, transient=True) as bar:
+            task = bar.add_task(cfg.name, total=None, info="")
+
+            def progress(t, done, total):
+                bar.update(task, completed=done, total=total, info=f"sim t={t:,.0f}s  requests {done:,}")
+            result = simulate(cfg, base, progress)
+    else:
+        result = simulate(cfg, base)
+    rep = write_outputs(result, out, plots=cfg.output.plots and not no_plots)
+    if not quiet:
+        from rich.markdown import Markdown
+        Console().print(Markdown(summary_markdown(rep)))
+        Console().print(f"wrote {out}/ (report.json, requests.csv, timeseries.csv, summary.md"
+                        f"{', plots' if cfg.output.plots and not no_plots else ''})")
+
+
+@app.command("config-schema")
+def config_schema():
+    """Print the JSON schema of the config file."""
+    from .config import Config
+    print(json.dumps(Config.model_json_schema(), indent=2))
+
+
+@app.command()
+@friendly
+def check(config: Path, set_: List[str] = typer.Option([], "--set")):
+    """Validate a config (schema, catalogs, memory plan) without running it."""
+    from .config import load_config
+    from .metrics import Metrics
+    import simpy
+
+    from .run import build
+
+    cfg, base = load_config(config, set_)
+    _, _, infos, workload, _ = build(cfg, base, simpy.Environment(), Metrics(sum(g.count for g in cfg.fleet.replicas), 1.0))
+    print(f"config ok: {len(infos)} replicas, workload: {workload.description}")
+    for r in infos:
+        print(f"  replica {r.index} {r.group}: {r.memory}")
+
+
+@app.command()
+def gpus():
+    """List the GPU catalog."""
+    from servesim.hwmodels.catalog import gpu_table
+    for name, e in gpu_table().items():
+        price = f"${e['usd_per_hour']}/h" if e.get("usd_per_hour") else "no price"
+        print(f"{name:16s} {e.get('memory_gb', '?'):>6} GB  {e.get('mem_bw_tbps', '?'):>6} TB/s  "
+              f"{e.get('bf16_tflops', '?'):>7} bf16 TFLOP/s  {price}  aliases: {', '.join(e.get('aliases', []))}")
+
+
+@app.command()
+def models():
+    """List the model catalog."""
+    from servesim.hwmodels.catalog import model_table
+    for name, e in model_table().items():
+        print(f"{name:40s} {e['params_b']:>7.2f} B params  {e['num_layers']:>3} layers  "
+              f"aliases: {', '.join(e.get('aliases', []))}")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The cluster: receives arrivals, applies admission and routing, and dispatches to replicas.
+
+Dispatch is synchronous: a request arriving at t is in its replica's queue at t.
+"""
+from __future__ import annotations
+
+from .request import REJECTED, Request
+
+
+class Cluster:
+    def __init__(self, env, replicas, router, admission, metrics):
+        self.env = env
+        self.replicas = replicas
+        self.views = replicas
+        self.router = router
+        self.admission = admission
+        self.metrics = metrics
+        self.rejections: dict[str, int] = {}
+        for r in replicas:
+            r.on_done = self._done
+
+    def submit(self, req: Request) -> None:
+        now = self.env.now
+        self.metrics.on_arrival(req, now)
+        reasons = [r.fits(req) for r in self.replicas]
+        if all(reasons):
+            return self._reject(req, reasons[0], now)
+        reason = self.admission.admit(req, self, now)
+        if reason:
+            return self._reject(req, reason, now)
+        i = self.router.route(req, self.replicas, now)
+        if reasons[i]:
+            return self._reject(req, reasons[i], now)
+        self.replicas[i].add(req)
+
+    def _reject(self, req: Request, reason: str, now: float) -> None:
+        req.outcome, req.reason, req.finish = REJECTED, reason, now
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
+        self._done(req, now)
+
+    def _done(self, req: Request, now: float) -> None:
+        self.metrics.on_done(req, now)
+        if req.on_finish is not None:
+            req.on_finish(req)
+
+    # --- arrival processes -------------------------------------------------------------------
+    def _make(self, w, i: int, now: float) -> Request:
+        return Request(i, now, int(w.prompt[i]), int(w.output[i]), tenant=w.tenant, slo_class=w.slo_class,
+                       prefix_ids=w.prefix_ids[i] if w.prefix_ids is not None else None,
+                       prefix_block_size=w.prefix_block_size)
+
+    def open_loop(self, w):
+        env = self.env
+        arrival = w.arrival.tolist()
+        for i, t in enumerate(arrival):
+            if t > env.now:
+                yield env.timeout(t - env.now)
+            self.submit(self._make(w, i, env.now))
+
+    def closed_loop(self, w, extend_lengths):
+        """N clients; each sends its next request think_time_s after the previous one ends."""
+        env = self.env
+        state = {"next": 0}
+        limit = None if w.duration_s is not None and len(w) >= 65536 else len(w)
+
+        def client():
+            while True:
+                i = state["next"]
+                if (limit is not None and i >= limit) or (w.duration_s is not None and env.now >= w.duration_s):
+                    return
+                if i >= len(w):
+                    extend_lengths(w)
+                state["next"] = i + 1
+                done = env.event()
+                req = self._make(w, i, env.now)
+                req.on_finish = lambda r, ev=done: ev.succeed()
+                self.submit(req)
+                yield done
+                if w.think_time_s:
+                    yield env.timeout(w.think_time_s)
+
+        for _ in range(w.concurrency):
+            env.process(client())

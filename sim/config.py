@@ -1,0 +1,384 @@
+"""Run configuration: YAML validated strictly by pydantic. Errors name the key path.
+
+Engine keys follow vLLM's names (max_num_seqs, max_num_batched_tokens, block_size,
+enable_chunked_prefill, enable_prefix_caching, gpu_memory_utilization, tensor_parallel_size, ...).
+"""
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Annotated, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- fleet ---------------------------------------------------------------------------------
+class EngineConfig(Strict):
+    max_num_seqs: PositiveInt = 256
+    max_num_batched_tokens: PositiveInt = 8192
+    block_size: PositiveInt = 16
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: Optional[PositiveInt] = None
+    num_gpu_blocks_override: Optional[PositiveInt] = None
+    scheduler_overhead_ms: NonNegativeFloat = 0.0
+    runtime_overhead_gib: Optional[NonNegativeFloat] = None
+
+
+class RooflinePerf(Strict):
+    name: Literal["roofline"] = "roofline"
+
+
+class LinearPerf(Strict):
+    name: Literal["linear"]
+    base_s: NonNegativeFloat = 0.0
+    per_prefill_token_s: NonNegativeFloat = 0.0
+    per_decode_seq_s: NonNegativeFloat = 0.0
+    per_context_token_s: NonNegativeFloat = 0.0
+
+
+PerfModel = Annotated[Union[RooflinePerf, LinearPerf], Field(discriminator="name")]
+
+
+class ReplicaGroup(Strict):
+    name: Optional[str] = None
+    count: PositiveInt = 1
+    gpu: str
+    model: str
+    tensor_parallel_size: PositiveInt = 1
+    pipeline_parallel_size: PositiveInt = 1
+    dtype: Literal["bf16", "fp16", "fp8"] = "bf16"
+    kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp8"] = "auto"
+    engine: EngineConfig = EngineConfig()
+    perf_model: PerfModel = RooflinePerf()
+
+
+class Fleet(Strict):
+    replicas: list[ReplicaGroup] = Field(min_length=1)
+
+
+# --- workload ------------------------------------------------------------------------------
+TraceFormat = Literal["azure", "mooncake", "lengths", "servesim"]
+
+
+class Poisson(Strict):
+    process: Literal["poisson"]
+    rate: PositiveFloat
+
+
+class GammaArrivals(Strict):
+    process: Literal["gamma"]
+    rate: PositiveFloat
+    cv: PositiveFloat = Field(description="coefficient of variation of inter-arrival times (1 = Poisson)")
+
+
+class ConstantRate(Strict):
+    process: Literal["constant"]
+    rate: PositiveFloat
+
+
+class AllAtOnce(Strict):
+    process: Literal["all_at_once"]
+
+
+class ClosedLoop(Strict):
+    process: Literal["closed_loop"]
+    concurrency: PositiveInt
+    think_time_s: NonNegativeFloat = 0.0
+
+
+Arrival = Annotated[Union[Poisson, GammaArrivals, ConstantRate, AllAtOnce, ClosedLoop], Field(discriminator="process")]
+
+
+class Fixed(Strict):
+    dist: Literal["fixed"]
+    value: PositiveInt
+
+
+class Uniform(Strict):
+    dist: Literal["uniform"]
+    low: PositiveInt
+    high: PositiveInt
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        return self
+
+
+class LogNormal(Strict):
+    dist: Literal["lognormal"]
+    median: PositiveFloat
+    sigma: PositiveFloat
+    min: PositiveInt = 1
+    max: Optional[PositiveInt] = None
+
+
+LengthDist = Annotated[Union[Fixed, Uniform, LogNormal], Field(discriminator="dist")]
+
+
+class IndependentLengths(Strict):
+    kind: Literal["independent"]
+    input: LengthDist
+    output: LengthDist
+
+
+class PairLengths(Strict):
+    """(input, output) pairs taken from a trace file: empirical joint distribution."""
+    kind: Literal["pairs"]
+    path: str
+    format: Optional[TraceFormat] = None
+    max_total_tokens: Optional[PositiveInt] = None
+    order: Literal["sequential", "shuffle", "sample"] = "sequential"
+
+
+Lengths = Annotated[Union[IndependentLengths, PairLengths], Field(discriminator="kind")]
+
+
+class TraceWorkload(Strict):
+    kind: Literal["trace"]
+    path: str
+    format: Optional[TraceFormat] = None
+    rate_scale: PositiveFloat = Field(1.0, description="2.0 replays the trace twice as fast")
+    prompt_scale: PositiveFloat = 1.0
+    output_scale: PositiveFloat = 1.0
+    sample_fraction: float = Field(1.0, gt=0, le=1)
+    start_s: NonNegativeFloat = 0.0
+    duration_s: Optional[PositiveFloat] = None
+    max_requests: Optional[PositiveInt] = None
+    max_total_tokens: Optional[PositiveInt] = Field(None, description="shorten prompts so prompt+output fit (as Vidur)")
+    tenant: str = "default"
+    slo_class: str = "default"
+
+
+class SyntheticWorkload(Strict):
+    kind: Literal["synthetic"]
+    num_requests: Optional[PositiveInt] = None
+    duration_s: Optional[PositiveFloat] = None
+    arrival: Arrival
+    lengths: Lengths
+    tenant: str = "default"
+    slo_class: str = "default"
+
+    @model_validator(mode="after")
+    def _bounded(self):
+        if self.num_requests is None and self.duration_s is None:
+            raise ValueError("set num_requests or duration_s (or both) so the workload ends")
+        if self.arrival.process == "all_at_once" and self.num_requests is None:
+            raise ValueError("all_at_once arrivals need num_requests")
+        return self
+
+
+Workload = Annotated[Union[TraceWorkload, SyntheticWorkload], Field(discriminator="kind")]
+
+
+# --- policies, SLOs, cost, output ------------------------------------------------------------
+
+class Batching(Strict):
+    name: Literal["continuous", "static"] = "continuous"
+
+
+class Routing(Strict):
+    name: Literal["round_robin", "random", "least_outstanding"] = "least_outstanding"
+
+
+class AcceptAllAdmission(Strict):
+    name: Literal["accept_all"] = "accept_all"
+
+
+class MaxQueueAdmission(Strict):
+    name: Literal["max_queue"]
+    max_waiting: PositiveInt
+
+
+Admission = Annotated[Union[AcceptAllAdmission, MaxQueueAdmission], Field(discriminator="name")]
+
+
+class Eviction(Strict):
+    name: Literal["lru", "fifo", "lfu"] = "lru"
+
+
+class Policies(Strict):
+    batching: Batching = Batching()
+    routing: Routing = Routing()
+    admission: Admission = AcceptAllAdmission()
+    eviction: Eviction = Eviction()
+
+
+class SLOClass(Strict):
+    ttft_ms: Optional[PositiveFloat] = None
+    tpot_ms: Optional[PositiveFloat] = None
+    e2e_ms: Optional[PositiveFloat] = None
+
+
+class SLO(Strict):
+    classes: dict[str, SLOClass] = {"default": SLOClass()}
+
+
+class Cost(Strict):
+    usd_per_gpu_hour: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="price overrides by catalog GPU name (else the catalog's price)")
+
+
+class Output(Strict):
+    sample_interval_s: PositiveFloat = 1.0
+    plots: bool = True
+
+
+class SimOptions(Strict):
+    max_sim_time_s: Optional[PositiveFloat] = None
+    check_invariants: bool = False
+
+
+class Config(Strict):
+    name: str = "run"
+    seed: int = 0
+    fleet: Fleet
+    workload: Workload
+    policies: Policies = Policies()
+    slo: SLO = SLO()
+    cost: Cost = Cost()
+    output: Output = Output()
+    sim: SimOptions = SimOptions()
+
+    @model_validator(mode="after")
+    def _classes_exist(self):
+        cls = self.workload.slo_class
+        if cls not in self.slo.classes:
+            raise ValueError(f"workload.slo_class {cls!r} is not one of slo.classes ({', '.join(self.slo.classes)})")
+        return self
+
+
+# --- loading ---------------------------------------------------------------------------------
+_TAGS = {"trace", "synthetic", "poisson", "gamma", "constant", "all_at_once", "closed_loop", "fixed", "uniform",
+         "lognormal", "independent", "pairs", "roofline", "linear", "accept_all", "max_queue"}
+
+
+def _path(loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _TAGS or "[" in str(part) or "function-" in str(part):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _allowed(loc) -> list[str]:
+    model: type | None = Config
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int) or part in _TAGS:
+            if part in _TAGS and model is not None:
+                model = _pick_tag(model, part)
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        model = _model_of(field.annotation) if field else None
+    return sorted(getattr(model, "model_fields", {})) if isinstance(model, type) else []
+
+
+def _model_of(tp):
+    origin = typing.get_origin(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    if origin is Annotated:
+        return _model_of(typing.get_args(tp)[0])
+    if origin in (list, dict, Union) or origin is not None:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        models = [m for m in (_model_of(a) for a in args) if m is not None]
+        if len(models) == 1:
+            return models[0]
+        return tuple(models) or None
+    return None
+
+
+def _pick_tag(model, tag):
+    for m in (model if isinstance(model, tuple) else (model,)):
+        for f in getattr(m, "model_fields", {}).values():
+            if typing.get_origin(f.annotation) is Literal and tag in typing.get_args(f.annotation):
+                return m
+    return model
+
+
+def format_validation_error(e: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in e.errors():
+        loc = err["loc"]
+        where = _path(loc)
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed(loc)
+            hint = f" (allowed here: {', '.join(allowed)})" if allowed else ""
+            lines.append(f"  {where}: unknown key{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"  {where}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+            lines.append(f"  {where}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to the raw config dict; list items by index."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: empty segment in key path {key!r}")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML: {e}") from None
+    node = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i]) or 'root'} is a list of {len(node)}; "
+                                  f"{part!r} is not a valid index")
+            part = int(part)
+            if last:
+                node[part] = parsed
+            else:
+                node = node[part]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = parsed
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section")
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[Config, Path]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (fleet, workload, ...)")
+    for o in overrides:
+        apply_override(raw, o)
+    return parse_config(raw, str(path)), p.parent
+
+
+def parse_config(raw: dict, source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None

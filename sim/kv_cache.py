@@ -1,0 +1,160 @@
+"""Paged KV block pool with prefix caching (the mechanism; eviction order is a policy's sort key).
+
+Blocks are referenced by running requests (ref > 0) or free. A free block that holds a registered
+prefix hash stays cached until it is evicted; eviction pops the smallest policy key from one lazy
+heap. Invariants (check()): no block both free and referenced; used + free = total.
+"""
+from __future__ import annotations
+
+import heapq
+from collections import deque
+
+from .request import Request, prompt_block_hashes
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = False, eviction=None):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.caching = enable_prefix_caching
+        self.eviction = eviction
+        self.ref = [0] * num_blocks
+        self.hash: list = [None] * num_blocks
+        self.last_used = [0.0] * num_blocks
+        self.hits = [0] * num_blocks
+        self.cached_since = [0.0] * num_blocks
+        self.by_hash: dict = {}
+        self.free_plain: deque[int] = deque(range(num_blocks))
+        self._heap: list = []
+        self._stamp = [0] * num_blocks     # heap entry is valid only while its stamp matches
+        self._seq = 0
+        self.num_cached_free = 0
+        self.num_used = 0
+        self.evictions = 0
+        self.now = 0.0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_plain) + self.num_cached_free
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # --- prefix cache -------------------------------------------------------------------
+    def lookup(self, req: Request, max_tokens: int) -> list[int]:
+        """Longest run of cached blocks that prefix the request, within its first max_tokens tokens."""
+        if not self.caching:
+            return []
+        if req.block_hashes is None:
+            req.block_hashes = prompt_block_hashes(req, self.block_size)
+        hits = []
+        by_hash = self.by_hash
+        for h in req.block_hashes[: max_tokens // self.block_size]:
+            b = by_hash.get(h)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    def register_full_blocks(self, req: Request, old_computed: int, new_computed: int) -> None:
+        """Publish the hashes of prompt blocks that became full, so later requests can share them."""
+        if not self.caching:
+            return
+        if req.block_hashes is None:
+            req.block_hashes = prompt_block_hashes(req, self.block_size)
+        hashes = req.block_hashes
+        lo = old_computed // self.block_size
+        hi = min(new_computed // self.block_size, len(hashes))
+        for j in range(lo, hi):
+            b = req.blocks[j]
+            h = hashes[j]
+            if self.hash[b] is None and h not in self.by_hash:
+                self.hash[b] = h
+                self.by_hash[h] = b
+                self.cached_since[b] = self.now
+
+    # --- allocation ---------------------------------------------------------------------
+    def can_allocate(self, req: Request, num_tokens: int, hits: list[int] = ()) -> bool:
+        need = self.blocks_needed(num_tokens) - len(req.blocks) - len(hits)
+        reviving = sum(1 for b in hits if self.ref[b] == 0)  # cached-free hits leave the free pool
+        return need <= self.num_free - reviving
+
+    def allocate(self, req: Request, num_tokens: int, hits: list[int] = ()) -> bool:
+        """Make req's blocks cover num_tokens tokens (taking `hits` first); all or nothing."""
+        if not self.can_allocate(req, num_tokens, hits):
+            return False
+        for b in hits:
+            self._take(b)
+            self.hits[b] += 1
+            req.blocks.append(b)
+        for _ in range(self.blocks_needed(num_tokens) - len(req.blocks)):
+            req.blocks.append(self._take(self._pop_free()))
+        return True
+
+    def free(self, req: Request) -> None:
+        """Release req's blocks; the tail first, so an LRU evicts a prefix's tail before its head."""
+        ref, now = self.ref, self.now
+        for b in reversed(req.blocks):
+            ref[b] -= 1
+            if ref[b] == 0:
+                self.num_used -= 1
+                self.last_used[b] = now
+                if self.hash[b] is None:
+                    self.free_plain.append(b)
+                else:
+                    self._seq += 1
+                    self._stamp[b] = self._seq
+                    heapq.heappush(self._heap, (self.eviction.key(self, b), self._seq, b))
+                    self.num_cached_free += 1
+        req.blocks = []
+
+    def _take(self, b: int) -> int:
+        if self.ref[b] == 0:
+            self.num_used += 1
+            if self.hash[b] is not None:       # leaving the cached-free set: invalidate its heap entry
+                self._stamp[b] = -1
+                self.num_cached_free -= 1
+        self.ref[b] += 1
+        self.last_used[b] = self.now
+        return b
+
+    def _pop_free(self) -> int:
+        if self.free_plain:
+            return self.free_plain.popleft()
+        while True:
+            _, seq, b = heapq.heappop(self._heap)
+            if self._stamp[b] == seq:
+                break
+        self._stamp[b] = -1
+        self.num_cached_free -= 1
+        del self.by_hash[self.hash[b]]
+        self.hash[b] = None
+        self.evictions += 1
+        # the caller takes it; make it look like a plain free block
+        self.free_plain.appendleft(b)
+        return self.free_plain.popleft()
+
+    # --- invariants ---------------------------------------------------------------------
+    def check(self, live: list[Request] = ()) -> None:
+        ref = self.ref
+        plain = set(self.free_plain)
+        assert len(plain) == len(self.free_plain), "a block is twice in the free list"
+        cached_free = {b for _, s, b in self._heap if self._stamp[b] == s}
+        assert not (plain & cached_free), "a block is both plain-free and cached-free"
+        for b in plain | cached_free:
+            assert ref[b] == 0, f"free block {b} is referenced (ref={ref[b]})"
+        for b in plain:
+            assert self.hash[b] is None, f"plain-free block {b} still has a hash"
+        used = sum(1 for r in ref if r > 0)
+        assert min(ref) >= 0, "negative reference count"
+        assert used == self.num_used, f"used count {self.num_used} != {used}"
+        assert len(cached_free) == self.num_cached_free
+        assert used + len(plain) + len(cached_free) == self.num_blocks, "used + free != total"
+        for h, b in self.by_hash.items():
+            assert self.hash[b] == h
+        if live is not None:
+            counted = [0] * self.num_blocks
+            for r in live:
+                for b in r.blocks:
+                    counted[b] += 1
+            assert counted == ref, "reference counts differ from the blocks requests hold"

@@ -1,0 +1,79 @@
+"""PNG plots of a run: latency CDFs, throughput and queue over time, KV usage per replica."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _cdf(ax, values, label):
+    v = np.sort(values[~np.isnan(values)]) * 1000.0
+    if v.size:
+        ax.plot(v, np.arange(1, v.size + 1) / v.size, label=label)
+
+
+def write_plots(result, df, ts, out: Path) -> list[Path]:
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, col, title in zip(axes, ("ttft_s", "tpot_s", "e2e_s"), ("TTFT", "TPOT", "E2E latency")):
+        _cdf(ax, df[col].to_numpy(dtype=float), title)
+        ax.set_xscale("log")
+        ax.set_xlabel("ms")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(f"{title} CDF")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "latency_cdf.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    m = result.metrics
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
+    tok = m.tokens_per_bucket
+    last = int(np.flatnonzero(tok).max()) + 1 if tok.any() else 1
+    t = np.arange(last) * m.bucket_s
+    a1.plot(t, tok[:last] / m.bucket_s, lw=0.8, label="output tokens/s")
+    arr = np.bincount((df["arrival_s"].to_numpy() / m.bucket_s).astype(int), minlength=last)[:last]
+    a1b = a1.twinx()
+    a1b.plot(t, arr / m.bucket_s, color="tab:orange", lw=0.6, alpha=0.7, label="arrivals/s")
+    a1.set_ylabel("output tokens/s")
+    a1b.set_ylabel("arrivals/s", color="tab:orange")
+    a1.set_title("Throughput over time")
+    grid = np.arange(0, max(t[-1], m.bucket_s) + m.bucket_s, m.bucket_s)
+    if len(ts):
+        waiting = np.zeros_like(grid)
+        running = np.zeros_like(grid)
+        for _, g in ts.groupby("replica"):
+            idx = np.searchsorted(g["t_s"].to_numpy(), grid, side="right") - 1
+            ok = idx >= 0
+            waiting[ok] += g["waiting"].to_numpy()[idx[ok]]
+            running[ok] += g["running"].to_numpy()[idx[ok]]
+        a2.plot(grid, waiting, lw=0.8, label="waiting")
+        a2.plot(grid, running, lw=0.8, label="running")
+    a2.set_ylabel("requests (all replicas)")
+    a2.set_xlabel("simulated time (s)")
+    a2.set_title("Queue length over time")
+    a2.legend(loc="upper right")
+    fig.tight_layout()
+    paths.append(out / "throughput_queue.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(11, 4))
+    for rid, g in ts.groupby("replica"):
+        ax.step(g["t_s"], 100 * g["kv_usage"], where="post", lw=0.8, label=f"replica {rid}")
+    ax.set_ylabel("KV blocks in use (%)")
+    ax.set_xlabel("simulated time (s)")
+    ax.set_title("KV-cache usage per replica")
+    ax.set_ylim(0, 100)
+    if ts["replica"].nunique() <= 16:
+        ax.legend(loc="upper right", ncol=4, fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "kv_usage.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths

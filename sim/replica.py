@@ -1,0 +1,152 @@
+"""One replica's engine loop (one SimPy process): schedule, price the step, wait, apply results.
+
+Same-instant ordering: before scheduling at time t, a replica lets every event already pending
+at t run first (one zero-delay yield), so requests arriving at t are seen by a batch starting at t.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from servesim.hwmodels.step_time import BatchShape
+
+from .request import FINISHED
+
+
+class Replica:
+    def __init__(self, env, index: int, group: str, scheduler, pool, model, metrics, *, num_gpus: int,
+                 max_model_len: int, peak_flops: float, peak_bw: float, usd_per_hour: float,
+                 check_invariants: bool = False):
+        self.env = env
+        self.index = index
+        self.group = group
+        self.scheduler = scheduler
+        self.pool = pool
+        self.model = model
+        self.metrics = metrics
+        self.stats = metrics.replicas[index]
+        self.num_gpus = num_gpus
+        self.max_model_len = max_model_len
+        self.peak_flops = peak_flops        # whole replica (all its GPUs)
+        self.peak_bw = peak_bw
+        self.usd_per_hour = usd_per_hour    # per GPU
+        self.check_invariants = check_invariants
+        self.waiting: deque = deque()
+        self.running: list = []
+        self._wakeup = None
+        self.on_done = None                 # cluster callback(req, now)
+        self.process = env.process(self._loop())
+
+    # --- read-only view for routers and admission --------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    @property
+    def kv_free_fraction(self) -> float:
+        return self.pool.num_free / self.pool.num_blocks
+
+    def fits(self, req) -> str | None:
+        if req.total_tokens > self.max_model_len:
+            return "exceeds_max_model_len"
+        if self.pool.blocks_needed(req.total_tokens) > self.pool.num_blocks:
+            return "exceeds_kv_capacity"
+        return None
+
+    # --- queue operations used by the batching policy -----------------------------------
+    def add(self, req) -> None:
+        req.replica = self.index
+        self.waiting.append(req)
+        if self._wakeup is not None and not self._wakeup.triggered:
+            self._wakeup.succeed()
+
+    def preempt(self, req) -> None:
+        self.pool.free(req)
+        req.num_computed = 0
+        req.preemptions += 1
+        self.stats.preemptions += 1
+        self.waiting.appendleft(req)
+
+    # --- the loop -----------------------------------------------------------------------
+    def _loop(self):
+        env, pool, stats, metrics = self.env, self.pool, self.stats, self.metrics
+        while True:
+            if not self.waiting and not self.running:
+                metrics.sample(self.index, env.now, 0, 0, pool.num_used, force=True)
+                self._wakeup = env.event()
+                yield self._wakeup
+                self._wakeup = None
+            if env.peek() == env.now:
+                yield env.timeout(0)
+            now = env.now
+            pool.now = now
+            batch = self.scheduler.schedule(self, now)
+            if not batch:
+                raise RuntimeError(f"replica {self.index}: nothing schedulable with {len(self.waiting)} waiting "
+                                   f"and {len(self.running)} running at t={now}; this is a servesim bug")
+            shape = BatchShape()
+            for req, n in batch:
+                if req.first_scheduled != req.first_scheduled:  # NaN: first time
+                    req.first_scheduled = now
+                if n == 1 and req.num_output and req.num_computed == req.num_tokens - 1:
+                    shape.decode_cached.append(req.num_computed)
+                else:
+                    shape.prefill_new.append(n)
+                    shape.prefill_cached.append(req.num_computed)
+                if req.num_computed + n == req.num_tokens:
+                    shape.num_sampled += 1
+            metrics.sample(self.index, now, len(self.waiting), len(self.running), pool.num_used)
+            st = self.model.step_time(shape)
+            dt = st.seconds
+            stats.iterations += 1
+            stats.busy_s += dt
+            stats.flops += st.flops
+            stats.bytes += st.bytes
+            stats.prefill_tokens += sum(shape.prefill_new)
+            stats.decode_tokens += len(shape.decode_cached)
+            stats.kv_block_seconds += pool.num_used * dt
+            yield env.timeout(dt)
+            self._complete(batch, env.now)
+
+    def _complete(self, batch, now: float) -> None:
+        pool, itl = self.pool, self.metrics.itl
+        pool.now = now
+        sampled = 0
+        finished = False
+        for req, n in batch:
+            old = req.num_computed
+            req.num_computed = old + n
+            pool.register_full_blocks(req, old, req.num_computed)
+            if req.num_computed == req.num_tokens:
+                req.num_output += 1
+                sampled += 1
+                if req.num_output == 1:
+                    req.first_token = now
+                else:
+                    itl.add(now - req.last_token)
+                req.last_token = now
+                if req.num_output == req.output_tokens:
+                    req.finish = now
+                    req.outcome = FINISHED
+                    pool.free(req)
+                    finished = True
+        if finished:
+            self.running = [r for r in self.running if r.outcome != FINISHED]
+            for req, _ in batch:
+                if req.outcome == FINISHED and req.finish == now:
+                    self.on_done(req, now)
+        self.metrics.on_tokens(now, sampled)
+        if self.check_invariants:
+            pool.check(live=self.running)
+            for r in self.running:
+                assert len(r.blocks) >= math.ceil(r.num_computed / pool.block_size), r
+            for r in self.waiting:
+                assert not r.blocks and r.num_computed == 0, r

@@ -1,0 +1,199 @@
+"""The report: a pure function of a run's metrics and config. Writes report.json, requests.csv,
+timeseries.csv, summary.md and plots into the output folder."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .request import FINISHED, REJECTED
+
+PCTS = (50, 90, 95, 99)
+
+
+def request_table(result) -> pd.DataFrame:
+    reqs = result.metrics.requests
+    df = pd.DataFrame({
+        "id": [r.id for r in reqs],
+        "arrival_s": [r.arrival for r in reqs],
+        "prompt_tokens": [r.prompt_tokens for r in reqs],
+        "output_tokens": [r.output_tokens for r in reqs],
+        "generated_tokens": [r.num_output for r in reqs],
+        "replica": [r.replica for r in reqs],
+        "tenant": [r.tenant for r in reqs],
+        "slo_class": [r.slo_class for r in reqs],
+        "first_scheduled_s": [r.first_scheduled for r in reqs],
+        "first_token_s": [r.first_token for r in reqs],
+        "finish_s": [r.finish for r in reqs],
+        "cached_prompt_tokens": [r.num_cached_tokens for r in reqs],
+        "preemptions": [r.preemptions for r in reqs],
+        "outcome": [r.outcome or "unfinished" for r in reqs],
+        "reason": [r.reason for r in reqs],
+    })
+    df = df.sort_values("id", kind="stable").reset_index(drop=True)
+    fin = df["outcome"] == FINISHED
+    df["queue_s"] = (df["first_scheduled_s"] - df["arrival_s"]).where(fin)
+    df["ttft_s"] = (df["first_token_s"] - df["arrival_s"]).where(fin)
+    df["e2e_s"] = (df["finish_s"] - df["arrival_s"]).where(fin)
+    multi = fin & (df["output_tokens"] > 1)
+    df["tpot_s"] = ((df["finish_s"] - df["first_token_s"]) / (df["output_tokens"] - 1)).where(multi)
+    return df
+
+
+def _stats_ms(x: pd.Series) -> dict:
+    x = x.dropna().to_numpy() * 1000.0
+    if x.size == 0:
+        return {"mean": None, **{f"p{p}": None for p in PCTS}}
+    q = np.percentile(x, PCTS)
+    return {"mean": float(x.mean()), **{f"p{p}": float(v) for p, v in zip(PCTS, q)}}
+
+
+def _meets(df: pd.DataFrame, slo) -> pd.Series:
+    ok = df["outcome"] == FINISHED
+    for col, lim in (("ttft_s", slo.ttft_ms), ("tpot_s", slo.tpot_ms), ("e2e_s", slo.e2e_ms)):
+        if lim is not None:
+            cond = df[col] <= lim / 1000.0
+            if col == "tpot_s":
+                cond |= df[col].isna()  # a one-token output has no TPOT to miss
+            ok &= cond
+    return ok
+
+
+def build_report(result, df: pd.DataFrame | None = None) -> dict:
+    cfg, m = result.config, result.metrics
+    df = request_table(result) if df is None else df
+    fin = df["outcome"] == FINISHED
+    start = float(df["arrival_s"].min()) if len(df) else 0.0
+    duration = max(result.sim_end - start, 1e-12)
+    out_tok = int(df.loc[fin, "output_tokens"].sum())
+    in_tok = int(df.loc[fin, "prompt_tokens"].sum())
+    itl = m.itl
+    latency = {k: _stats_ms(df[c]) for k, c in (("ttft", "ttft_s"), ("tpot", "tpot_s"), ("e2e", "e2e_s"),
+                                                   ("queue", "queue_s"))}
+    latency["itl"] = {"mean": itl.mean() * 1000 if itl.n else None,
+                      **{f"p{p}": (itl.quantile(p / 100) * 1000 if itl.n else None) for p in PCTS}}
+    classes, met_total = {}, 0
+    for name, slo in cfg.slo.classes.items():
+        sub = df[df["slo_class"] == name]
+        met = int(_meets(sub, slo).sum())
+        met_total += met
+        classes[name] = {"requests": int(len(sub)), "met": met,
+                         "attainment": met / len(sub) if len(sub) else None,
+                         "goodput_requests_per_s": met / duration,
+                         "targets_ms": slo.model_dump()}
+    gpus = sum(r.num_gpus for r in result.replicas)
+    gpu_hours = gpus * duration / 3600.0
+    usd = sum(r.num_gpus * r.usd_per_gpu_hour for r in result.replicas) * duration / 3600.0
+    flops = sum(s.flops for s in m.replicas)
+    nbytes = sum(s.bytes for s in m.replicas)
+    kv_usage = [s.kv_block_seconds / (r.num_blocks * duration) for s, r in zip(m.replicas, result.replicas)]
+    return {
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "workload": result.workload.description,
+        "requests": {
+            "total": int(len(df)), "finished": int(fin.sum()),
+            "rejected": int((df["outcome"] == REJECTED).sum()),
+            "unfinished": int((df["outcome"] == "unfinished").sum()),
+            "rejected_by_reason": dict(sorted(result.rejections.items())),
+            "preempted": int((df["preemptions"] > 0).sum()),
+            "preemptions": int(df["preemptions"].sum()),
+        },
+        "latency_ms": latency,
+        "throughput": {
+            "requests_per_s": int(fin.sum()) / duration,
+            "output_tokens_per_s": out_tok / duration,
+            "total_tokens_per_s": (out_tok + in_tok) / duration,
+        },
+        "slo": {"attainment": met_total / len(df) if len(df) else None,
+                "goodput_requests_per_s": met_total / duration, "classes": classes},
+        "cost": {"gpus": gpus, "gpu_hours": gpu_hours, "usd": usd,
+                 "usd_per_1m_output_tokens": usd / out_tok * 1e6 if out_tok else None,
+                 "usd_per_request": usd / int(fin.sum()) if fin.any() else None},
+        "utilization": {
+            "mfu": flops / (sum(result.peak_flops) * duration),
+            "mbu": nbytes / (sum(result.peak_bw) * duration),
+            "kv_usage_mean": float(np.mean(kv_usage)) if kv_usage else 0.0,
+            "busy_fraction": float(np.mean([s.busy_s / duration for s in m.replicas])),
+        },
+        "prefix_cache": {"hit_tokens": int(df["cached_prompt_tokens"].sum()),
+                         "hit_rate": float(df["cached_prompt_tokens"].sum() / max(df["prompt_tokens"].sum(), 1)),
+                         "evicted_blocks": int(sum(p.evictions for p in result.pools))},
+        "sim": {"wall_s": result.wall_s, "peak_rss_mb": result.peak_rss_mb,
+                "iterations": int(sum(s.iterations for s in m.replicas)), "events": int(result.events),
+                "simulated_s": duration},
+        "replicas": [{"index": r.index, "group": r.group, "gpu": r.gpu, "model": r.model, "tp": r.tp, "pp": r.pp,
+                      "kv_blocks": r.num_blocks, "block_size": r.block_size, "memory": r.memory,
+                      "iterations": s.iterations, "busy_fraction": s.busy_s / duration,
+                      "preemptions": s.preemptions, "requests": int((df["replica"] == r.index).sum())}
+                     for r, s in zip(result.replicas, m.replicas)],
+    }
+
+
+def timeseries(result) -> pd.DataFrame:
+    rows = [(i, *s) for i, st in enumerate(result.metrics.replicas) for s in st.samples]
+    ts = pd.DataFrame(rows, columns=["replica", "t_s", "waiting", "running", "kv_used_blocks"])
+    blocks = {r.index: r.num_blocks for r in result.replicas}
+    ts["kv_usage"] = ts["kv_used_blocks"] / ts["replica"].map(blocks)
+    return ts
+
+
+def _fmt(v, unit=""):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:,.1f}{unit}" if abs(v) >= 10 else f"{v:,.3g}{unit}"
+
+
+def summary_markdown(rep: dict) -> str:
+    L = [f"# servesim report: {rep['name']}", "", f"Workload: {rep['workload']}; seed {rep['seed']}.", ""]
+    rq = rep["requests"]
+    L += [f"Requests: {rq['total']} total, {rq['finished']} finished, {rq['rejected']} rejected "
+          f"{rq['rejected_by_reason'] or ''}, {rq['unfinished']} unfinished; {rq['preemptions']} preemptions.", ""]
+    L += ["| latency (ms) | mean | p50 | p90 | p95 | p99 |", "|---|---:|---:|---:|---:|---:|"]
+    for k in ("ttft", "tpot", "itl", "e2e", "queue"):
+        s = rep["latency_ms"][k]
+        L.append(f"| {k.upper()} | " + " | ".join(_fmt(s[c]) for c in ("mean", "p50", "p90", "p95", "p99")) + " |")
+    t, c, u, s = rep["throughput"], rep["cost"], rep["utilization"], rep["slo"]
+    L += ["", "| metric | value |", "|---|---:|",
+          f"| throughput | {_fmt(t['requests_per_s'])} req/s, {_fmt(t['output_tokens_per_s'])} output tok/s, "
+          f"{_fmt(t['total_tokens_per_s'])} total tok/s |",
+          f"| SLO attainment | {_fmt(100 * s['attainment'] if s['attainment'] is not None else None)} % "
+          f"(goodput {_fmt(s['goodput_requests_per_s'])} req/s) |",
+          f"| cost | ${_fmt(c['usd'])} for {_fmt(c['gpu_hours'])} GPU-hours; "
+          f"${_fmt(c['usd_per_1m_output_tokens'])} per 1M output tokens |",
+          f"| utilization | MFU {_fmt(100 * u['mfu'])} %, MBU {_fmt(100 * u['mbu'])} %, "
+          f"KV {_fmt(100 * u['kv_usage_mean'])} %, busy {_fmt(100 * u['busy_fraction'])} % |",
+          f"| prefix cache | {_fmt(100 * rep['prefix_cache']['hit_rate'])} % of prompt tokens hit |",
+          f"| simulator | {_fmt(rep['sim']['wall_s'])} s wall, {rep['sim']['iterations']:,} iterations, "
+          f"{rep['sim']['events']:,} events, {_fmt(rep['sim']['peak_rss_mb'])} MB peak RSS |", ""]
+    for name, cl in s["classes"].items():
+        tg = ", ".join(f"{k} <= {v:g}" for k, v in cl["targets_ms"].items() if v is not None) or "no targets"
+        att = _fmt(100 * cl["attainment"]) if cl["attainment"] is not None else "-"
+        L.append(f"- SLO class `{name}` ({tg}): {cl['met']}/{cl['requests']} met ({att} %)")
+    return "\n".join(L) + "\n"
+
+
+def write_outputs(result, out_dir: Path, plots: bool = True) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = request_table(result)
+    rep = build_report(result, df)
+    df.to_csv(out_dir / "requests.csv", index=False)
+    ts = timeseries(result)
+    ts.to_csv(out_dir / "timeseries.csv", index=False)
+    (out_dir / "report.json").write_text(json.dumps(rep, indent=2, allow_nan=False, default=_jsonable) + "\n")
+    (out_dir / "summary.md").write_text(summary_markdown(rep))
+    if plots:
+        from .plots import write_plots
+        write_plots(result, df, ts, out_dir)
+    return rep
+
+
+def _jsonable(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    raise TypeError(type(o))

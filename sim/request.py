@@ -1,0 +1,83 @@
+"""A request and its sequence state, in vLLM v1's terms: no phases, only tokens computed vs known.
+
+`num_tokens` = prompt + outputs sampled so far; `num_computed` = tokens whose KV is in the cache.
+A step that brings num_computed up to num_tokens samples one new output token.
+"""
+from __future__ import annotations
+
+import math
+
+FINISHED, REJECTED = "finished", "rejected"
+
+
+class Request:
+    __slots__ = (
+        "id", "arrival", "prompt_tokens", "output_tokens", "tenant", "slo_class", "session",
+        "prefix_ids", "prefix_block_size",
+        # sequence state
+        "num_computed", "num_output", "blocks", "block_hashes", "num_cached_tokens", "preemptions",
+        # record
+        "replica", "first_scheduled", "first_token", "finish", "last_token", "outcome", "reason", "on_finish",
+    )
+
+    def __init__(self, id: int, arrival: float, prompt_tokens: int, output_tokens: int, *, tenant: str = "default",
+                 slo_class: str = "default", session: int = -1, prefix_ids=None, prefix_block_size: int = 0):
+        self.id = id
+        self.arrival = arrival
+        self.prompt_tokens = prompt_tokens
+        self.output_tokens = output_tokens
+        self.tenant = tenant
+        self.slo_class = slo_class
+        self.session = session
+        self.prefix_ids = prefix_ids              # trace block ids (prefix-chained), or None
+        self.prefix_block_size = prefix_block_size
+        self.num_computed = 0
+        self.num_output = 0
+        self.blocks: list[int] = []
+        self.block_hashes: list | None = None     # engine-block hashes of the full prompt blocks, lazily built
+        self.num_cached_tokens = 0
+        self.preemptions = 0
+        self.replica = -1
+        self.first_scheduled = math.nan
+        self.first_token = math.nan
+        self.finish = math.nan
+        self.last_token = math.nan
+        self.outcome = ""
+        self.reason = ""
+        self.on_finish = None                     # callback(request) for closed-loop clients
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_tokens + self.num_output
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.output_tokens
+
+    def __repr__(self) -> str:
+        return (f"Request({self.id}, t={self.arrival:g}, prompt={self.prompt_tokens}, out={self.num_output}/"
+                f"{self.output_tokens}, computed={self.num_computed}, blocks={len(self.blocks)})")
+
+
+def prompt_block_hashes(req: Request, block_size: int) -> list:
+    """Hashes of the request's full prompt blocks of `block_size` tokens.
+
+    With trace block ids (already prefix-chained, as in Mooncake and kv-cache-tester), the engine
+    block ending at token e is identified by the trace block holding token e-1 and e itself: equal
+    prefixes give equal keys. Without ids, keys are private to the request, so only its own blocks
+    are reused (after a recompute preemption), never another request's.
+    """
+    n = req.prompt_tokens // block_size
+    if req.prefix_ids is None:
+        return [(-1 - req.id, j) for j in range(n)]
+    tb, ids = req.prefix_block_size, req.prefix_ids
+    out = []
+    for j in range(n):
+        end = (j + 1) * block_size
+        k = (end - 1) // tb
+        if k >= len(ids) or (k + 1) * tb > req.prompt_tokens:
+            break  # only blocks inside full trace blocks are shareable
+        out.append((ids[k], end))
+    # remaining full engine blocks of the prompt are private to the request
+    out.extend((-1 - req.id, j) for j in range(len(out), n))
+    return out

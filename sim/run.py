@@ -1,0 +1,171 @@
+"""Build a simulation from a validated config, run it, and return the raw result."""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import simpy
+
+from servesim.hwmodels.catalog import get_gpu, get_model
+from servesim.hwmodels.linear import LinearModel
+from servesim.hwmodels.memory import plan_memory
+from servesim.hwmodels.roofline import RooflineModel
+from servesim.policies import registry
+from servesim.traces.workload import Workload, build_workload
+
+from .config import Config
+from .cluster import Cluster
+from .errors import ConfigError, ServesimError
+from .kv_cache import BlockPool
+from .metrics import Metrics
+from .replica import Replica
+
+
+@dataclass
+class ReplicaInfo:
+    index: int
+    group: str
+    gpu: str
+    model: str
+    tp: int
+    pp: int
+    num_gpus: int
+    usd_per_gpu_hour: float
+    num_blocks: int
+    block_size: int
+    memory: str
+
+
+@dataclass
+class RunResult:
+    config: Config
+    metrics: Metrics
+    replicas: list[ReplicaInfo]
+    peak_flops: list[float]
+    peak_bw: list[float]
+    rejections: dict
+    workload: Workload
+    sim_end: float
+    events: int
+    wall_s: float
+    peak_rss_mb: float
+    pools: list = field(default_factory=list)
+
+
+def _price(cfg: Config, gpu) -> float:
+    if gpu.name in cfg.cost.usd_per_gpu_hour:
+        return cfg.cost.usd_per_gpu_hour[gpu.name]
+    if gpu.usd_per_hour is None:
+        raise ConfigError(f"gpu {gpu.name} has no price in the catalog; set cost.usd_per_gpu_hour.{gpu.name}")
+    return gpu.usd_per_hour
+
+
+def _where(loc: str, fn, *a, **k):
+    try:
+        return fn(*a, **k)
+    except ServesimError as e:
+        raise type(e)(f"{loc}: {e}") from None
+
+
+def build(cfg: Config, base_dir: Path | None, env, metrics):
+    rng = np.random.default_rng(cfg.seed)
+    wl_rng, route_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(2))
+    replicas, infos = [], []
+    pol = cfg.policies
+    eviction = registry.EVICTION[pol.eviction.name][0]()
+    for gi, g in enumerate(cfg.fleet.replicas):
+        loc = f"fleet.replicas[{gi}]"
+        gpu = _where(f"{loc}.gpu", get_gpu, g.gpu)
+        model = _where(f"{loc}.model", get_model, g.model)
+        e = g.engine
+        tp, pp = g.tensor_parallel_size, g.pipeline_parallel_size
+        if model.num_attention_heads % tp:
+            raise ConfigError(f"{loc}.tensor_parallel_size: {tp} does not divide the {model.num_attention_heads} "
+                              f"attention heads of {model.name}")
+        if pp > model.num_layers:
+            raise ConfigError(f"{loc}.pipeline_parallel_size: {pp} exceeds the {model.num_layers} layers of {model.name}")
+        max_len = e.max_model_len or model.max_position_embeddings
+        if max_len > model.max_position_embeddings:
+            raise ConfigError(f"{loc}.engine.max_model_len: {max_len} exceeds the model's "
+                              f"max_position_embeddings {model.max_position_embeddings}")
+        kv_dtype = g.dtype if g.kv_cache_dtype == "auto" else g.kv_cache_dtype
+        plan = _where(loc, plan_memory, model, gpu, tp=tp, pp=pp, dtype=g.dtype, kv_dtype=kv_dtype,
+                      block_size=e.block_size, gpu_memory_utilization=e.gpu_memory_utilization,
+                      max_num_batched_tokens=e.max_num_batched_tokens, max_num_seqs=e.max_num_seqs,
+                      runtime_overhead_gib=e.runtime_overhead_gib)
+        blocks = e.num_gpu_blocks_override or plan.num_blocks
+        if g.perf_model.name == "linear":
+            pm = g.perf_model
+            step_model = LinearModel(pm.base_s, pm.per_prefill_token_s, pm.per_decode_seq_s, pm.per_context_token_s)
+        else:
+            step_model = RooflineModel(model, gpu, tp=tp, pp=pp, dtype=g.dtype, kv_dtype=kv_dtype,
+                                       overhead_s=e.scheduler_overhead_ms / 1000)
+        price = _price(cfg, gpu)
+        n_gpus = tp * pp
+        for _ in range(g.count):
+            i = len(replicas)
+            pool = BlockPool(blocks, e.block_size, enable_prefix_caching=e.enable_prefix_caching, eviction=eviction)
+            sched = registry.BATCHING[pol.batching.name][0](e.max_num_seqs, e.max_num_batched_tokens,
+                                                          e.enable_chunked_prefill)
+            name = g.name or f"{gpu.name}/{model.name}"
+            replicas.append(Replica(env, i, name, sched, pool, step_model, metrics, num_gpus=n_gpus,
+                                    max_model_len=max_len, peak_flops=n_gpus * gpu.peak_flops(g.dtype),
+                                    peak_bw=n_gpus * gpu.mem_bw, usd_per_hour=price,
+                                    check_invariants=cfg.sim.check_invariants))
+            infos.append(ReplicaInfo(i, name, gpu.name, model.name, tp, pp, n_gpus, price, blocks, e.block_size,
+                                     plan.describe()))
+    router = registry.ROUTING[pol.routing.name][0](route_rng)
+    adm_cfg = pol.admission.model_dump(exclude={"name"})
+    admission = registry.ADMISSION[pol.admission.name][0](**adm_cfg)
+    cluster = Cluster(env, replicas, router, admission, metrics)
+    workload = build_workload(cfg.workload, wl_rng, base_dir)
+    del rng
+    return cluster, replicas, infos, workload, wl_rng
+
+
+def _extend_lengths(cfg, rng, base_dir):
+    from servesim.traces.workload import _lengths
+
+    def extend(w):
+        p, o = _lengths(cfg.workload.lengths, 65536, rng, base_dir)
+        w.prompt = np.concatenate([w.prompt, p])
+        w.output = np.concatenate([w.output, o])
+    return extend
+
+
+def simulate(cfg: Config, base_dir: Path | None = None, progress=None) -> RunResult:
+    """Run to completion (or sim.max_sim_time_s). progress(sim_time, done, total) is called between chunks."""
+    t0 = time.perf_counter()
+    env = simpy.Environment()
+    metrics = Metrics(sum(g.count for g in cfg.fleet.replicas), cfg.output.sample_interval_s)
+    cluster, replicas, infos, workload, wl_rng = build(cfg, base_dir, env, metrics)
+    if workload.arrival is not None:
+        env.process(cluster.open_loop(workload))
+        total = len(workload)
+    else:
+        cluster.closed_loop(workload, _extend_lengths(cfg, wl_rng, base_dir))
+        total = None if workload.duration_s and not cfg.workload.num_requests else len(workload)
+    limit = cfg.sim.max_sim_time_s or math.inf
+    step, peek = env.step, env.peek
+    events = 0
+    inf = math.inf
+    while True:
+        t = peek()                   # an empty queue peeks as +inf
+        if t == inf or t > limit:
+            break
+        step()
+        events += 1
+        if progress is not None and not events & 0x3FFF:
+            progress(env.now, len(metrics.requests), total)
+    if progress is not None:
+        progress(env.now, len(metrics.requests), total)
+    metrics.itl.flush()
+    sim_end = max((r.finish for r in metrics.requests if r.finish == r.finish), default=env.now)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return RunResult(cfg, metrics, infos, [r.peak_flops for r in replicas], [r.peak_bw for r in replicas],
+                     dict(cluster.rejections), workload, sim_end, events,
+                     time.perf_counter() - t0, rss, [r.pool for r in replicas])

@@ -1,0 +1,106 @@
+"""Turn a workload config into requests: a trace replay or a synthetic generator, open or closed loop."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from servesim.sim.errors import TraceError
+
+from .loaders import Trace, load_trace, resolve_path
+from .synthetic import arrival_times, sample_lengths
+
+
+@dataclass
+class Workload:
+    prompt: np.ndarray
+    output: np.ndarray
+    arrival: np.ndarray | None          # None for closed loop
+    prefix_ids: list | None = None
+    prefix_block_size: int = 0
+    tenant: str = "default"
+    slo_class: str = "default"
+    concurrency: int = 0                # closed loop: number of clients
+    think_time_s: float = 0.0
+    duration_s: float | None = None     # closed loop: no new request after this time
+    description: str = ""
+
+    def __len__(self) -> int:
+        return int(self.prompt.size)
+
+
+def cap_total_tokens(prompt: np.ndarray, output: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shorten prompts (then outputs) so that prompt + output <= cap, as Vidur's trace generator does."""
+    over = np.maximum(prompt + output - cap, 0)
+    p = prompt - over
+    o = output + np.minimum(p - 1, 0)
+    return np.maximum(p, 1), np.maximum(o, 1)
+
+
+def _load_pairs(cfg, rng, n: int, base_dir) -> tuple[np.ndarray, np.ndarray]:
+    tr = load_trace(resolve_path(cfg.path, base_dir), cfg.format)
+    p, o = tr.prompt, tr.output
+    if cfg.max_total_tokens:
+        p, o = cap_total_tokens(p, o, cfg.max_total_tokens)
+    if cfg.order == "sample":
+        idx = rng.integers(0, p.size, n)
+    else:
+        base = rng.permutation(p.size) if cfg.order == "shuffle" else np.arange(p.size)
+        idx = np.resize(base, n)       # cycles through the rows when more requests than rows
+    return p[idx], o[idx]
+
+
+def _lengths(cfg, n: int, rng, base_dir):
+    if cfg.kind == "pairs":
+        return _load_pairs(cfg, rng, n, base_dir)
+    return sample_lengths(cfg.input, n, rng), sample_lengths(cfg.output, n, rng)
+
+
+def build_workload(cfg, rng: np.random.Generator, base_dir: Path | None = None) -> Workload:
+    if cfg.kind == "trace":
+        return _from_trace(cfg, rng, base_dir)
+    a = cfg.arrival
+    if a.process == "closed_loop":
+        # lengths for every request a client may send; a duration-bounded run draws more as needed
+        n = cfg.num_requests or 65536
+        p, o = _lengths(cfg.lengths, n, rng, base_dir)
+        return Workload(p, o, None, tenant=cfg.tenant, slo_class=cfg.slo_class, concurrency=a.concurrency,
+                        think_time_s=a.think_time_s, duration_s=cfg.duration_s,
+                        description=f"closed loop, {a.concurrency} clients")
+    t = arrival_times(a, cfg.num_requests, cfg.duration_s, rng)
+    p, o = _lengths(cfg.lengths, t.size, rng, base_dir)
+    return Workload(p, o, t, tenant=cfg.tenant, slo_class=cfg.slo_class,
+                    description=f"{a.process} arrivals, {t.size} requests")
+
+
+def _from_trace(cfg, rng, base_dir) -> Workload:
+    path = resolve_path(cfg.path, base_dir)
+    tr: Trace = load_trace(path, cfg.format)
+    if tr.arrival is None:
+        raise TraceError(f"{path}: this trace has lengths but no arrival times; use workload kind 'synthetic' "
+                         f"with lengths: {{kind: pairs, path: {cfg.path}}} and an arrival process")
+    t = tr.arrival
+    keep = t >= cfg.start_s
+    if cfg.duration_s is not None:
+        keep &= t < cfg.start_s + cfg.duration_s
+    if cfg.sample_fraction < 1.0:
+        keep &= rng.random(t.size) < cfg.sample_fraction
+    idx = np.flatnonzero(keep)
+    if cfg.max_requests is not None:
+        idx = idx[: cfg.max_requests]
+    if idx.size == 0:
+        raise TraceError(f"{path}: no requests left after start_s/duration_s/sample_fraction selection")
+    t = (t[idx] - cfg.start_s) / cfg.rate_scale
+    p, o = tr.prompt[idx], tr.output[idx]
+    if cfg.prompt_scale != 1.0:
+        p = np.maximum(np.rint(p * cfg.prompt_scale), 1).astype(np.int64)
+    if cfg.output_scale != 1.0:
+        o = np.maximum(np.rint(o * cfg.output_scale), 1).astype(np.int64)
+    if cfg.max_total_tokens:
+        p, o = cap_total_tokens(p, o, cfg.max_total_tokens)
+    ids = [tr.prefix_ids[i] for i in idx] if tr.prefix_ids is not None else None
+    if ids is not None and cfg.prompt_scale != 1.0:
+        ids = None  # block ids no longer describe the scaled prompts
+    return Workload(p, o, t, ids, tr.prefix_block_size, tenant=cfg.tenant, slo_class=cfg.slo_class,
+                    description=f"trace {path.name}, {idx.size} requests")
