@@ -1,0 +1,109 @@
+"""KV block pool: exact block states, prefix sharing, eviction order, conservation under preemption."""
+import copy
+
+import numpy as np
+import pytest
+
+from conftest import BASE, run_raw
+from servesim.policies.eviction import FIFO, LRU
+from servesim.sim.kv_cache import BlockPool
+from servesim.sim.request import Request
+
+
+def req(i, prompt, out=4, ids=None, tb=0):
+    return Request(i, 0.0, prompt, out, prefix_ids=ids, prefix_block_size=tb)
+
+
+def test_allocation_grows_per_block_and_free_returns_everything():
+    pool = BlockPool(8, 4, eviction=LRU())
+    r = req(0, 6)
+    assert pool.allocate(r, 6) and r.blocks == [0, 1]
+    assert pool.allocate(r, 8) and r.blocks == [0, 1]          # still inside block 1
+    assert pool.allocate(r, 9) and r.blocks == [0, 1, 2]       # crosses a boundary
+    assert (pool.num_used, pool.num_free) == (3, 5)
+    big = req(1, 30)
+    assert not pool.allocate(big, 30) and big.blocks == []      # all or nothing
+    pool.free(r)
+    assert (pool.num_used, pool.num_free) == (0, 8) and r.blocks == []
+    pool.check([])
+
+
+def test_prefix_blocks_are_shared_and_cached_after_free():
+    pool = BlockPool(10, 4, enable_prefix_caching=True, eviction=LRU())
+    a = req(0, 10, ids=[7, 8, 9], tb=4)       # trace blocks of 4 tokens: 7 | 8 | 9 (partial)
+    assert pool.allocate(a, 10)
+    a.num_computed = 10
+    pool.register_full_blocks(a, 0, 10)
+    assert pool.hash[0] == (7, 4) and pool.hash[1] == (8, 8) and pool.hash[2] is None
+    b = req(1, 12, ids=[7, 8, 5], tb=4)       # shares the first two trace blocks
+    hits = pool.lookup(b, b.num_tokens - 1)
+    assert hits == [0, 1]
+    assert pool.allocate(b, 12, hits) and b.blocks[:2] == [0, 1]
+    assert pool.ref[0] == pool.ref[1] == 2
+    pool.check([a, b])
+    pool.free(a)
+    pool.free(b)
+    # hashed blocks stay cached (free but reusable), unhashed go back to the plain free list
+    assert pool.num_cached_free == 2 and pool.num_free == 10 and pool.num_used == 0
+    c = req(2, 9, ids=[7, 8, 1], tb=4)
+    assert pool.lookup(c, 8) == [0, 1]
+    pool.check([])
+
+
+def test_at_least_one_token_is_recomputed_on_a_full_hit():
+    pool = BlockPool(10, 4, enable_prefix_caching=True, eviction=LRU())
+    a = req(0, 8, ids=[1, 2], tb=4)
+    pool.allocate(a, 8)
+    pool.register_full_blocks(a, 0, 8)
+    pool.free(a)
+    b = req(1, 8, ids=[1, 2], tb=4)
+    assert pool.lookup(b, b.num_tokens - 1) == [0]     # 7 tokens may be cached: only the first block
+
+
+@pytest.mark.parametrize("policy,expected", [(LRU(), [1, 0]), (FIFO(), [0, 1])])
+def test_eviction_order_is_the_policy_sort_key(policy, expected):
+    pool = BlockPool(3, 4, enable_prefix_caching=True, eviction=policy)
+    a, b = req(0, 4, ids=[10], tb=4), req(1, 4, ids=[20], tb=4)
+    pool.now = 1.0
+    pool.allocate(a, 4)
+    pool.register_full_blocks(a, 0, 4)          # block 0 cached at t=1
+    pool.now = 2.0
+    pool.allocate(b, 4)
+    pool.register_full_blocks(b, 0, 4)          # block 1 cached at t=2
+    pool.now = 3.0
+    pool.free(b)                                # block 1 last used at 3
+    pool.now = 4.0
+    pool.free(a)                                # block 0 last used at 4
+    evicted = []
+    for i in range(3):                          # 1 plain block, then the two cached ones in key order
+        r = req(10 + i, 4)
+        pool.allocate(r, 4)
+        evicted.append(r.blocks[0])
+    assert evicted[0] == 2 and evicted[1:] == expected
+    assert pool.evictions == 2 and pool.by_hash == {}
+
+
+def test_small_pool_forces_preemptions_and_every_request_still_finishes(base_raw):
+    raw = base_raw
+    raw["fleet"]["replicas"][0]["engine"] = {"num_gpu_blocks_override": 60, "block_size": 16, "max_num_seqs": 64}
+    raw["workload"]["num_requests"] = 300
+    raw["workload"]["arrival"] = {"process": "all_at_once"}
+    raw["sim"] = {"check_invariants": True}    # pool.check() after every step
+    res, df = run_raw(raw)
+    assert (df["outcome"] == "finished").all()
+    assert (df["generated_tokens"] == df["output_tokens"]).all()
+    assert df["preemptions"].sum() > 0
+    pool = res.pools[0]
+    assert pool.num_used == 0 and pool.num_free == pool.num_blocks
+    pool.check([])
+
+
+def test_request_larger_than_the_pool_is_rejected_and_counted(base_raw):
+    raw = base_raw
+    raw["fleet"]["replicas"][0]["engine"] = {"num_gpu_blocks_override": 10, "block_size": 16}
+    res, df = run_raw(raw)
+    too_big = df["prompt_tokens"] + df["output_tokens"] > 160
+    assert too_big.any()
+    assert (df.loc[too_big, "reason"] == "exceeds_kv_capacity").all()
+    assert (df.loc[~too_big, "outcome"] == "finished").all()
+    assert res.rejections == {"exceeds_kv_capacity": int(too_big.sum())}

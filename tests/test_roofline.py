@@ -1,0 +1,93 @@
+"""Roofline sanity and the memory planner against hand calculations."""
+import random
+
+import pytest
+
+from servesim.hwmodels.catalog import GIB, get_gpu, get_model
+from servesim.hwmodels.memory import kv_bytes_per_token, plan_memory
+from servesim.hwmodels.roofline import RooflineModel
+from servesim.hwmodels.step_time import BatchShape
+from servesim.sim.errors import CapacityError
+
+H100, L8B = get_gpu("H100-SXM"), get_model("meta-llama/Llama-3.1-8B")
+
+
+def test_decode_batch1_is_weight_bandwidth_bound():
+    m = RooflineModel(L8B, H100)
+    t = m.step_time(BatchShape(decode_cached=[512], num_sampled=1)).seconds
+    weight_s = L8B.params * 2 / H100.mem_bw            # 16.06 GB at 3.35 TB/s = 4.8 ms
+    assert 4.7e-3 < weight_s < 4.9e-3
+    assert weight_s < t < 1.45 * weight_s              # never faster than peak bandwidth; a few ms
+    ops = m.breakdown(BatchShape(decode_cached=[512], num_sampled=1))
+    for name in ("qkv_proj", "o_proj", "mlp_up", "mlp_down"):
+        sec, flops, nbytes = ops[name]
+        assert nbytes / (H100.mem_bw * H100.memory_efficiency) > flops / (H100.bf16_flops * H100.compute_efficiency)
+
+
+def test_long_prefill_is_compute_bound():
+    m = RooflineModel(L8B, H100)
+    b = BatchShape(prefill_new=[8192], prefill_cached=[0], num_sampled=1)
+    st = m.step_time(b)
+    matmul_flops = 2 * 8192 * (L8B.params - 2 * L8B.vocab_size * L8B.hidden_size)  # 2 x params per token
+    assert st.flops > matmul_flops
+    assert st.seconds > st.flops / H100.bf16_flops                    # never faster than peak FLOPs
+    assert st.seconds == pytest.approx(st.flops / (H100.bf16_flops * H100.compute_efficiency), rel=0.25)
+    for name in ("qkv_proj", "mlp_up", "mlp_down", "attn_prefill"):
+        sec, flops, nbytes = m.breakdown(b)[name]
+        assert flops / (H100.bf16_flops * H100.compute_efficiency) > nbytes / (H100.mem_bw * H100.memory_efficiency)
+
+
+def test_more_tokens_never_faster():
+    m = RooflineModel(L8B, H100)
+    prev = 0.0
+    for n in (1, 8, 64, 256, 1024, 4096):
+        t = m.step_time(BatchShape(prefill_new=[n], prefill_cached=[100], num_sampled=1)).seconds
+        assert t >= prev
+        prev = t
+
+
+def test_step_time_equals_breakdown_sum():
+    rnd = random.Random(0)
+    for name, tp, pp in (("meta-llama/Llama-3.1-8B", 1, 1), ("meta-llama/Llama-3.1-70B", 4, 1),
+                         ("mistralai/Mixtral-8x7B-v0.1", 2, 2)):
+        m = RooflineModel(get_model(name), H100, tp=tp, pp=pp, overhead_s=1e-3)
+        for _ in range(100):
+            pn = [rnd.randint(1, 600) for _ in range(rnd.randint(0, 3))]
+            b = BatchShape(pn, [rnd.randint(0, 3000) for _ in pn], [rnd.randint(0, 5000) for _ in range(rnd.randint(1, 30))])
+            b.num_sampled = len(b.decode_cached)
+            ops = m.breakdown(b)
+            st = m.step_time(b)
+            assert st.seconds == pytest.approx(sum(o[0] for o in ops.values()), rel=1e-12)
+            assert st.flops == pytest.approx(tp * sum(o[1] for o in ops.values()), rel=1e-12)
+            assert st.bytes == pytest.approx(tp * sum(o[2] for o in ops.values()), rel=1e-12)
+
+
+def test_tp_adds_all_reduce_time():
+    b = BatchShape(decode_cached=[100] * 32, num_sampled=32)
+    ops = RooflineModel(get_model("meta-llama/Llama-3.1-70B"), H100, tp=4).breakdown(b)
+    msg = 32 * 8192 * 2
+    per = 2 * 3 * 1e-5 + 2 * 3 / 4 * msg / H100.link_bw
+    assert ops["all_reduce"][0] == pytest.approx(per * 2 * 80, rel=1e-12)
+
+
+def test_kv_bytes_per_token_gqa_and_mla():
+    assert kv_bytes_per_token(L8B, 1, 1, "bf16") == 32 * 2 * 8 * 128 * 2           # 128 KiB
+    assert kv_bytes_per_token(L8B, 2, 1, "bf16") == 32 * 2 * 4 * 128 * 2
+    assert kv_bytes_per_token(L8B, 16, 1, "fp8") == 32 * 2 * 1 * 128 * 1            # kv heads replicated
+    assert kv_bytes_per_token(get_model("deepseek-v3"), 8, 1, "bf16") == 61 * 576 * 2
+
+
+def test_memory_plan_matches_hand_calculation():
+    p = plan_memory(L8B, H100, block_size=16, gpu_memory_utilization=0.9, max_num_batched_tokens=8192,
+                    max_num_seqs=256, runtime_overhead_gib=1.0)
+    weights = 8.03e9 * 2
+    act = 8192 * (2 * 4096 + (32 + 16) * 128 + 3 * 14336) * 2 + 256 * 128256 * 4
+    free = 80 * GIB * 0.9 - weights - act - GIB
+    assert p.weight_bytes == pytest.approx(weights, rel=1e-12) and p.activation_bytes == act
+    assert p.num_blocks == int(free // (131072 * 16))
+
+
+def test_model_that_does_not_fit_names_the_numbers():
+    with pytest.raises(CapacityError, match=r"does not fit on 1 x H100-SXM .*weights 755\.\d+ GiB"):
+        plan_memory(get_model("llama3.1-405b"), H100)
+    assert plan_memory(get_model("llama3.1-405b"), get_gpu("H200"), tp=8).num_blocks > 0

@@ -1,0 +1,85 @@
+"""Trace loaders on the bundled samples, synthetic generators, closed-loop clients."""
+import numpy as np
+import pytest
+
+from conftest import run_raw
+from servesim.sim.config import parse_config
+from servesim.sim.errors import TraceError
+from servesim.traces.loaders import load_trace, resolve_path
+from servesim.traces.synthetic import arrival_times
+from servesim.traces.workload import build_workload, cap_total_tokens
+
+
+def test_bundled_azure_conv_matches_its_published_statistics():
+    tr = load_trace(resolve_path("bundled:azure_conv_2023.csv.gz"))
+    assert len(tr) == 19366                                  # rows, as in the upstream file
+    assert tr.arrival[0] == 0.0 and tr.arrival[-1] == pytest.approx(3501.7, abs=0.1)
+    assert tr.prompt.max() == 14050 and tr.output.max() == 1000
+    assert tr.prompt.mean() == pytest.approx(1155, abs=1)
+
+
+def test_bundled_mooncake_keeps_block_ids():
+    tr = load_trace(resolve_path("bundled:mooncake_conversation_head3000.jsonl.gz"))
+    assert len(tr) == 3000 and tr.prefix_block_size == 512
+    assert all(len(h) == -(-p // 512) for h, p in zip(tr.prefix_ids, tr.prompt))
+    assert tr.prefix_ids[0][0] == 0
+
+
+def test_lengths_only_trace_needs_an_arrival_process():
+    cfg = parse_config({"fleet": {"replicas": [{"gpu": "H100", "model": "llama3.1-8b"}]},
+                        "workload": {"kind": "trace", "path": "bundled:sharegpt_lengths_head5000.csv.gz"}})
+    with pytest.raises(TraceError, match="no arrival times; use workload kind 'synthetic'"):
+        build_workload(cfg.workload, np.random.default_rng(0))
+
+
+def test_cap_total_tokens_shortens_prompts_like_vidur():
+    p, o = cap_total_tokens(np.array([100, 5000, 10]), np.array([50, 100, 5000]), 4096)
+    assert p.tolist() == [100, 3996, 1] and o.tolist() == [50, 100, 4095]
+
+
+def test_trace_transforms_rate_scale_window_and_sampling():
+    base = {"fleet": {"replicas": [{"gpu": "H100", "model": "llama3.1-8b"}]},
+            "workload": {"kind": "trace", "path": "bundled:azure_conv_2023.csv.gz", "start_s": 600,
+                         "duration_s": 600, "rate_scale": 2.0}}
+    w = build_workload(parse_config(base).workload, np.random.default_rng(0))
+    full = load_trace(resolve_path("bundled:azure_conv_2023.csv.gz"))
+    sel = (full.arrival >= 600) & (full.arrival < 1200)
+    assert len(w) == sel.sum()
+    assert np.allclose(w.arrival, (full.arrival[sel] - 600) / 2)
+    base["workload"]["sample_fraction"] = 0.25
+    w2 = build_workload(parse_config(base).workload, np.random.default_rng(0))
+    assert abs(len(w2) / sel.sum() - 0.25) < 0.03
+
+
+@pytest.mark.parametrize("process,cv", [("poisson", 1.0), ("gamma", 3.0), ("gamma", 0.5), ("constant", 0.0)])
+def test_arrival_processes_have_the_asked_rate_and_burstiness(process, cv):
+    spec = {"poisson": {"process": "poisson", "rate": 4.0}, "gamma": {"process": "gamma", "rate": 4.0, "cv": cv},
+            "constant": {"process": "constant", "rate": 4.0}}[process]
+    cfg = parse_config({"fleet": {"replicas": [{"gpu": "H100", "model": "llama3.1-8b"}]},
+                        "workload": {"kind": "synthetic", "num_requests": 200_000, "arrival": spec,
+                                     "lengths": {"kind": "independent", "input": {"dist": "fixed", "value": 1},
+                                                 "output": {"dist": "fixed", "value": 1}}}})
+    t = arrival_times(cfg.workload.arrival, 200_000, None, np.random.default_rng(1))
+    gaps = np.diff(t)
+    assert gaps.mean() == pytest.approx(0.25, rel=0.01)
+    assert gaps.std() / gaps.mean() == pytest.approx(cv, abs=0.03)
+
+
+def test_closed_loop_keeps_exactly_n_requests_in_flight(base_raw):
+    raw = base_raw
+    raw["workload"] = {"kind": "synthetic", "num_requests": 400,
+                       "arrival": {"process": "closed_loop", "concurrency": 8, "think_time_s": 0.0},
+                       "lengths": {"kind": "independent", "input": {"dist": "uniform", "low": 10, "high": 300},
+                                   "output": {"dist": "uniform", "low": 1, "high": 50}}}
+    res, df = run_raw(raw)
+    assert len(df) == 400 and (df["outcome"] == "finished").all()
+    # with zero think time a client's next request arrives exactly when its previous one finishes
+    ev = sorted([(a, 1) for a in df["arrival_s"]] + [(f, -1) for f in df["finish_s"]], key=lambda x: (x[0], x[1]))
+    n, peak = 0, 0
+    for _, d in ev:
+        n += d
+        peak = max(peak, n)
+    assert peak == 8
+    assert (df["arrival_s"].to_numpy()[:8] == 0).all()
+    finishes = set(np.round(df["finish_s"], 12))
+    assert all(round(a, 12) in finishes for a in df["arrival_s"].to_numpy()[8:])
