@@ -53,7 +53,7 @@ def run(config: Path = typer.Argument(..., help="YAML config file"),
             task = bar.add_task(cfg.name, total=None, info="")
 
             def progress(t, done, total):
-                bar.update(task, completed=done, total=total, info=f"sim t={t:,.0f}s  requests {done:,}")
+                bar.update(task, completed=done, total=total, info=f"sim t={t:,.0f}s  requests done {done:,}")
             result = simulate(cfg, base, progress)
     else:
         result = simulate(cfg, base)

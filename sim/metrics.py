@@ -82,6 +82,7 @@ class Metrics:
         self.tokens_per_bucket = np.zeros(1024, dtype=np.int64)
         # Little's law instrument: time-integral of requests in the system, kept independently
         self.in_system = 0
+        self.done = 0                   # finished or rejected
         self.in_system_integral = 0.0
         self._last_change = 0.0
 
@@ -95,6 +96,7 @@ class Metrics:
         self._in_system_step(now, +1)
 
     def on_done(self, req, now: float) -> None:
+        self.done += 1
         self._in_system_step(now, -1)
 
     def on_tokens(self, now: float, n: int) -> None:

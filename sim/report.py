@@ -14,25 +14,18 @@ from .request import FINISHED, REJECTED
 PCTS = (50, 90, 95, 99)
 
 
+# request table column <- Request attribute
+COLUMNS = (("id", "id"), ("arrival_s", "arrival"), ("prompt_tokens", "prompt_tokens"),
+           ("output_tokens", "output_tokens"), ("generated_tokens", "num_output"), ("replica", "replica"),
+           ("tenant", "tenant"), ("slo_class", "slo_class"), ("first_scheduled_s", "first_scheduled"),
+           ("first_token_s", "first_token"), ("finish_s", "finish"), ("cached_prompt_tokens", "num_cached_tokens"),
+           ("preemptions", "preemptions"), ("outcome", "outcome"), ("reason", "reason"))
+
+
 def request_table(result) -> pd.DataFrame:
     reqs = result.metrics.requests
-    df = pd.DataFrame({
-        "id": [r.id for r in reqs],
-        "arrival_s": [r.arrival for r in reqs],
-        "prompt_tokens": [r.prompt_tokens for r in reqs],
-        "output_tokens": [r.output_tokens for r in reqs],
-        "generated_tokens": [r.num_output for r in reqs],
-        "replica": [r.replica for r in reqs],
-        "tenant": [r.tenant for r in reqs],
-        "slo_class": [r.slo_class for r in reqs],
-        "first_scheduled_s": [r.first_scheduled for r in reqs],
-        "first_token_s": [r.first_token for r in reqs],
-        "finish_s": [r.finish for r in reqs],
-        "cached_prompt_tokens": [r.num_cached_tokens for r in reqs],
-        "preemptions": [r.preemptions for r in reqs],
-        "outcome": [r.outcome or "unfinished" for r in reqs],
-        "reason": [r.reason for r in reqs],
-    })
+    df = pd.DataFrame({col: [getattr(r, attr) for r in reqs] for col, attr in COLUMNS})
+    df["outcome"] = df["outcome"].replace("", "unfinished")
     df = df.sort_values("id", kind="stable").reset_index(drop=True)
     fin = df["outcome"] == FINISHED
     df["queue_s"] = (df["first_scheduled_s"] - df["arrival_s"]).where(fin)

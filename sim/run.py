@@ -138,7 +138,7 @@ def _extend_lengths(cfg, rng, base_dir):
 
 
 def simulate(cfg: Config, base_dir: Path | None = None, progress=None) -> RunResult:
-    """Run to completion (or sim.max_sim_time_s). progress(sim_time, done, total) is called between chunks."""
+    """Run to completion (or sim.max_sim_time_s). progress(sim_time, requests_done, total) is called every 16k events."""
     t0 = time.perf_counter()
     env = simpy.Environment()
     metrics = Metrics(sum(g.count for g in cfg.fleet.replicas), cfg.output.sample_interval_s)
@@ -160,9 +160,9 @@ def simulate(cfg: Config, base_dir: Path | None = None, progress=None) -> RunRes
         step()
         events += 1
         if progress is not None and not events & 0x3FFF:
-            progress(env.now, len(metrics.requests), total)
+            progress(env.now, metrics.done, total)
     if progress is not None:
-        progress(env.now, len(metrics.requests), total)
+        progress(env.now, metrics.done, total)
     metrics.itl.flush()
     sim_end = max((r.finish for r in metrics.requests if r.finish == r.finish), default=env.now)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
