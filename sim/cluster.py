@@ -1,9 +1,11 @@
 """The cluster: receives arrivals, applies admission and routing, and dispatches to replicas.
 
-Dispatch is synchronous: a request arriving at t is in its replica's queue at t.
+Dispatch is synchronous: a request arriving at t is in its replica's queue at t. Trace and generator
+arrivals fire in the ARRIVE phase of their instant (sim/instant.py), after steps ending then.
 """
 from __future__ import annotations
 
+from .instant import ARRIVE, at
 from .request import REJECTED, Request
 
 
@@ -54,7 +56,7 @@ class Cluster:
         arrival = w.arrival.tolist()
         for i, t in enumerate(arrival):
             if t > env.now:
-                yield env.timeout(t - env.now)
+                yield at(env, t - env.now, ARRIVE)
             self.submit(self._make(w, i, env.now))
 
     def closed_loop(self, w, extend_lengths):

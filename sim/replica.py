@@ -1,7 +1,7 @@
 """One replica's engine loop (one SimPy process): schedule, price the step, wait, apply results.
 
-Same-instant ordering: before scheduling at time t, a replica lets every event already pending
-at t run first (one zero-delay yield), so requests arriving at t are seen by a batch starting at t.
+Batches are formed in the SCHEDULE phase of an instant (sim/instant.py): after every step that
+ends at that instant has been applied and every request arriving then has been routed.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections import deque
 
 from servesim.hwmodels.step_time import BatchShape
 
+from .instant import SCHEDULE, at
 from .request import FINISHED
 
 
@@ -84,8 +85,8 @@ class Replica:
                 self._wakeup = env.event()
                 yield self._wakeup
                 self._wakeup = None
-            if env.peek() == env.now:
-                yield env.timeout(0)
+            if env.peek() == env.now:            # other events at this instant: let them go first
+                yield at(env, 0.0, SCHEDULE)
             now = env.now
             pool.now = now
             batch = self.scheduler.schedule(self, now)

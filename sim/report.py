@@ -143,8 +143,9 @@ def _fmt(v, unit=""):
 def summary_markdown(rep: dict) -> str:
     L = [f"# servesim report: {rep['name']}", "", f"Workload: {rep['workload']}; seed {rep['seed']}.", ""]
     rq = rep["requests"]
-    L += [f"Requests: {rq['total']} total, {rq['finished']} finished, {rq['rejected']} rejected "
-          f"{rq['rejected_by_reason'] or ''}, {rq['unfinished']} unfinished; {rq['preemptions']} preemptions.", ""]
+    why = ", ".join(f"{k}: {v}" for k, v in rq["rejected_by_reason"].items())
+    L += [f"Requests: {rq['total']} total, {rq['finished']} finished, {rq['rejected']} rejected"
+          f"{f' ({why})' if why else ''}, {rq['unfinished']} unfinished; {rq['preemptions']} preemptions.", ""]
     L += ["| latency (ms) | mean | p50 | p90 | p95 | p99 |", "|---|---:|---:|---:|---:|---:|"]
     for k in ("ttft", "tpot", "itl", "e2e", "queue"):
         s = rep["latency_ms"][k]

@@ -61,3 +61,17 @@ def test_static_batching_admits_only_when_the_batch_has_drained(tmp_path):
     _, df = run_raw(raw)
     # r0 alone: 0.110 + 0.012 + 0.012 = 0.134; only then r1: prefill 50 -> 0.134 + 0.060
     assert df["finish_s"].tolist() == pytest.approx([0.134, 0.194], abs=1e-12)
+
+
+def test_completion_before_arrival_before_scheduling_at_one_instant(tmp_path):
+    # Every step takes exactly 0.25 s. Two replicas, least-outstanding routing.
+    # r0 (8 tokens) -> replica 0, busy until 2.0; r1 (2 tokens) -> replica 1, finishes at exactly 0.5.
+    # r2 arrives at 0.5: replica 1's completion at 0.5 is applied first, so replica 1 is idle
+    # (0 outstanding vs 1) and gets r2, which joins the batch replica 1 starts at 0.5.
+    # (Were the arrival routed first, both would show 1 outstanding and the tie would pick replica 0.)
+    raw = _raw(tmp_path, [(0.0, 10, 8), (0.0, 10, 2), (0.5, 10, 1)])
+    raw["fleet"]["replicas"][0].update(count=2, perf_model={"name": "linear", "base_s": 0.25})
+    _, df = run_raw(raw)
+    assert df["finish_s"].tolist() == [2.0, 0.5, 0.75]
+    assert df["replica"].tolist() == [0, 1, 1]
+    assert df["first_scheduled_s"][2] == 0.5

@@ -1,0 +1,26 @@
+"""Explicit ordering of events that fall on the same simulated instant.
+
+SimPy orders events by (time, priority, insertion). Every replica step ends with a NORMAL-priority
+timeout, so at one instant t servesim processes, in this order:
+  1. COMPLETE: steps ending at t (tokens, finishes, freed KV blocks) and what reacts to them
+     directly (a closed-loop client sending its next request);
+  2. ARRIVE:   trace and generator arrivals at t (admission and routing see the state after 1);
+  3. SCHEDULE: replicas form their next batch (they see every request that arrived at t).
+"""
+from __future__ import annotations
+
+import simpy
+from simpy.core import NORMAL
+
+COMPLETE = NORMAL
+ARRIVE = NORMAL + 1
+SCHEDULE = NORMAL + 2
+
+
+def at(env: simpy.Environment, delay: float, phase: int) -> simpy.Event:
+    """A timeout that fires after `delay` in the given phase of its instant."""
+    ev = simpy.Event(env)
+    ev._ok = True          # as simpy.Timeout does: a pre-triggered event, scheduled with our priority
+    ev._value = None
+    env.schedule(ev, phase, delay)
+    return ev
