@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench accuracy venv clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m servesim.experiments.bench
+
+accuracy: $(STAMP)
+	$(BIN)/servesim accuracy -o runs/accuracy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

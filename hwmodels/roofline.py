@@ -11,6 +11,7 @@ import math
 
 from .catalog import GPU, ModelSpec
 from .memory import dtype_bytes, engine_constants, kv_bytes_per_token
+from .ops import attention, gemm, ring_all_reduce_time, send_recv_time
 from .step_time import BatchShape, StepTime
 
 
@@ -40,9 +41,8 @@ class RooflineModel:
         return max(flops / self.flops_peak, nbytes / self.bw) + self.floor
 
     def _gemm(self, tokens: float, weights: float, n_in: float, n_out: float) -> tuple[float, float, float]:
-        flops = 2 * tokens * weights
-        nbytes = weights * self.wb + tokens * (n_in + n_out) * self.ab
-        return self._op(flops, nbytes), flops, nbytes
+        f, b = gemm(tokens, n_out, n_in, self.wb, self.ab, self.ab)
+        return self._op(f, b), f, b
 
     def breakdown(self, batch: BatchShape) -> dict[str, tuple[float, float, float]]:
         """Per-op (seconds, flops, bytes) for the whole step, all layers and stages included."""
@@ -59,16 +59,18 @@ class RooflineModel:
         put("qkv_proj", *self._gemm(T, self.w_qkv, h, self.w_qkv / h))
         put("o_proj", *self._gemm(T, self.w_o, self.w_o / h, h))
         # attention: causal FlashAttention over (cached + new) keys; decode reads the whole KV
-        hd = self.heads * m.head_dim
-        pf = sum(4 * hd * c * (ctx + (c + 1) / 2) for c, ctx in zip(batch.prefill_new, batch.prefill_cached))
-        pb = sum((ctx + c) * self.kv_layer_bytes + 2 * c * hd * self.ab
-                 for c, ctx in zip(batch.prefill_new, batch.prefill_cached))
-        if pf:
+        kvh = self.kv_layer_bytes / (2 * m.head_dim)  # kv heads x kv dtype bytes, per GPU
+        if batch.prefill_new:
+            pf = pb = 0.0
+            for c, ctx in zip(batch.prefill_new, batch.prefill_cached):
+                f, b = attention(c, ctx, self.heads, kvh, m.head_dim, 1, self.ab)
+                pf, pb = pf + f, pb + b
             put("attn_prefill", self._op(pf, pb), pf, pb)
         if batch.decode_cached:
-            ctx_sum = sum(batch.decode_cached) + len(batch.decode_cached)
-            df = 4 * hd * ctx_sum
-            db = ctx_sum * self.kv_layer_bytes + 2 * len(batch.decode_cached) * hd * self.ab
+            df = db = 0.0
+            for ctx in batch.decode_cached:
+                f, b = attention(1, ctx, self.heads, kvh, m.head_dim, 1, self.ab)
+                df, db = df + f, db + b
             put("attn_decode", self._op(df, db), df, db)
         if m.is_moe:
             E, k = m.num_experts, m.experts_per_token
@@ -84,12 +86,10 @@ class RooflineModel:
         eb = T * self.ab * (10 * h + 3 * m.intermediate_size * max(1, m.experts_per_token) / self.tp)
         put("elementwise", self._op(0.0, eb), 0.0, eb)
         if self.tp > 1:
-            msg = T * h * self.ab
-            t = 2 * (self.tp - 1) * self.alpha + 2 * (self.tp - 1) / self.tp * msg / self.link_bw
-            put("all_reduce", t, 0.0, 0.0, times=2 * L)
+            put("all_reduce", ring_all_reduce_time(T * h * self.ab, self.tp, self.link_bw, self.alpha), 0.0, 0.0,
+                times=2 * L)
         if self.pp > 1:
-            t = (self.pp - 1) * (self.alpha + T * h * self.ab / self.link_bw)
-            ops["send_recv"] = (t, 0.0, 0.0)
+            ops["send_recv"] = ((self.pp - 1) * send_recv_time(T * h * self.ab, self.link_bw, self.alpha), 0.0, 0.0)
         S = max(batch.num_sampled, 0)
         ops["embed"] = (self._op(0.0, T * h * self.ab), 0.0, T * h * self.ab)
         if S:

@@ -108,6 +108,72 @@ def models():
               f"aliases: {', '.join(e.get('aliases', []))}")
 
 
+def _parse_prefill(items: list[str]) -> list[tuple[int, int]]:
+    out = []
+    for it in items:
+        try:
+            chunk, _, cached = it.partition(":")
+            out.append((int(chunk), int(cached or 0)))
+        except ValueError:
+            raise ServesimError(f"--prefill {it!r}: expected CHUNK[:CACHED] tokens, e.g. 512:0") from None
+    return out
+
+
+def _parse_decode(items: list[str]) -> list[int]:
+    out = []
+    for it in items:
+        try:
+            n, x, ctx = it.partition("x")
+            out += [int(ctx)] * int(n) if x else [int(n)]
+        except ValueError:
+            raise ServesimError(f"--decode {it!r}: expected [NUMx]CONTEXT tokens, e.g. 32x1024") from None
+    return out
+
+
+@app.command()
+@friendly
+def estimate(gpu: str = typer.Option(..., help="catalog GPU (servesim gpus)"),
+             model: str = typer.Option(..., help="model id or alias (servesim models)"),
+             tp: int = typer.Option(1, help="tensor parallel size"), pp: int = typer.Option(1, help="pipeline stages"),
+             dtype: str = typer.Option("bf16", help="bf16, fp16 or fp8"),
+             prefill: List[str] = typer.Option([], help="CHUNK[:CACHED], repeatable"),
+             decode: List[str] = typer.Option([], help="[NUMx]CONTEXT, repeatable"),
+             as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Step time of one batch with its per-op breakdown."""
+    from servesim.hwmodels.estimate import estimate as est
+
+    pf, dc = _parse_prefill(prefill), _parse_decode(decode)
+    if not pf and not dc:
+        raise ServesimError("give at least one --prefill or --decode")
+    r = est(gpu=gpu, model=model, tp=tp, pp=pp, dtype=dtype, prefill=pf, decode=dc)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"{r['model']} on {r['gpu']} tp={tp} pp={pp} {dtype}: {r['tokens']} tokens -> {r['seconds'] * 1e3:.3f} ms")
+    print(f"{'op':14s} {'ms':>10s} {'share':>7s} {'TFLOP':>9s} {'GB':>9s}  bound")
+    for name, o in sorted(r["ops"].items(), key=lambda kv: -kv[1]["seconds"]):
+        print(f"{name:14s} {o['seconds'] * 1e3:10.3f} {100 * o['seconds'] / r['seconds']:6.1f}% "
+              f"{o['flops'] / 1e12:9.3f} {o['bytes'] / 1e9:9.3f}  {o['bound']}")
+
+
+@app.command()
+@friendly
+def accuracy(out: Path = typer.Option(Path("runs/accuracy"), "-o", "--out", help="folder for CSV tables and plot")):
+    """Per-op error of the step-time primitives against the measured reference kernels."""
+    from servesim.hwmodels.accuracy import evaluate, plot, summarize
+
+    df = evaluate()
+    table = summarize(df)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "accuracy_rows.csv", index=False)
+    table.to_csv(out / "accuracy_ops.csv", index=False)
+    p = plot(df, out)
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    ok = df["predicted_us"].notna()
+    print(f"\nrows priced {int(ok.sum())} of {len(df)}; median APE over priced rows "
+          f"{100 * df.loc[ok, 'ape'].median():.1f}%; wrote {out}/accuracy_rows.csv, accuracy_ops.csv, {p.name}")
+
+
 def main():
     app()
 
