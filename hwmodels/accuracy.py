@@ -1,93 +1,56 @@
-"""Per-op accuracy of the step-time primitives against measured kernels (hwmodels/data/reference/).
+"""Per-op accuracy of the step-time model against measured kernels (hwmodels/data/reference/).
 
-Every row of kernel_points.csv is priced with the same primitives the simulator uses (ops.py) and
-the GPU's catalog efficiencies; rows the model cannot price (no fp4 peak, links between nodes)
-are counted as `unsupported`, never dropped silently. Published numbers are used only as a check.
+Every row of kernel_points.csv is priced with the GPU's profile (fitted classes where the profile
+has them, catalog defaults otherwise), through the same mapping the fit uses (fit.py). Rows the
+model cannot price (no fp4 peak, links between nodes) are counted as unsupported, never dropped.
+The profile's leave-one-out errors (written by the fit) are shown beside the in-sample ones.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .catalog import DATA, get_gpu
+from .catalog import get_gpu
+from .fit import KERNELS, LINKS, _kv_tok, _peak, link_time, op_time, reference_rows
 from .memory import engine_constants
-from .ops import attention, gemm, ring_all_gather_time, ring_all_reduce_time, roofline_time, send_recv_time
-
-KERNELS = DATA / "reference" / "kernel_points.csv"
-GPU_NAMES = {"A100-80GB": "A100-80GB-SXM"}   # Vidur names the A100-80GB without its form factor
-VIDUR_GEMMS = {"attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj"}
-
-
-def _note(notes: str, key: str) -> float | None:
-    m = re.search(rf"{key}=(\d+)", notes or "")
-    return float(m.group(1)) if m else None
-
-
-def predict_us(row) -> tuple[float | None, str]:
-    """Predicted latency of one reference row in microseconds, or (None, why not)."""
-    gpu = get_gpu(GPU_NAMES.get(row.gpu, row.gpu))
-    alpha = engine_constants()["collective_latency_s"]
-    op, notes = row.op, row.notes if isinstance(row.notes, str) else ""
-    if op == "gemm" or op in VIDUR_GEMMS:
-        if row.dtype == "nvfp4":
-            return None, "no fp4 peak in the GPU catalog"
-        if row.dtype == "fp8":
-            f, b = gemm(row.m, row.n, row.k, 1, 1, 2)
-            return roofline_time(gpu, f, b, "fp8") * 1e6, ""
-        f, b = gemm(row.m, row.n, row.k)
-        return roofline_time(gpu, f, b) * 1e6, ""
-    if op in ("prefill_attention", "decode_attention"):
-        new, cached = (row.seq_len, 0) if op == "prefill_attention" else (1, row.seq_len - 1)
-        f, b = attention(new, cached, row.num_heads, row.num_kv_heads, row.head_dim)
-        return roofline_time(gpu, row.batch * f, row.batch * b) * 1e6, ""
-    if op in ("allreduce", "allreduce_custom", "allgather", "send_recv"):
-        per_node = _note(notes, "devices_per_node")
-        nodes = _note(notes, "nodes")
-        if (nodes or 1) > 1 and (per_node or 1) < row.num_gpus:
-            return None, "crosses nodes: no inter-node link in the GPU catalog"
-        if not gpu.link_bw:
-            return None, "no intra-node link bandwidth in the GPU catalog"
-        n = int(row.num_gpus)
-        if op == "allgather":
-            return ring_all_gather_time(row.bytes, n, gpu.link_bw, alpha) * 1e6, ""
-        if op == "send_recv":
-            return send_recv_time(row.bytes, gpu.link_bw, alpha) * 1e6, ""
-        return ring_all_reduce_time(row.bytes, n, gpu.link_bw, alpha) * 1e6, ""
-    h, inter = _note(notes, "hidden"), _note(notes, "intermediate")
-    T, tp = row.num_tokens, row.tp if row.tp == row.tp else 1
-    elementwise = {
-        "input_layernorm": lambda: 2 * T * h * 2,                                  # read + write
-        "add": lambda: 3 * T * h * 2,                                              # two inputs, one output
-        "attn_rope": lambda: 2 * T * (row.num_heads + row.num_kv_heads) * row.head_dim / tp * 2,
-        "mlp_act": lambda: T * 3 * inter / tp * 2,                                 # gate, up in; out
-    }
-    if op in elementwise and h:
-        return roofline_time(gpu, 0.0, elementwise[op]()) * 1e6, ""
-    return None, f"op {op} is not priced"
+from .profile import _fitted, profile_for
 
 
 def evaluate(path: Path = KERNELS) -> pd.DataFrame:
-    df = pd.read_csv(path)
-    pred, why = zip(*(predict_us(r) for r in df.itertuples()))
-    df["predicted_us"] = np.array([np.nan if p is None else p for p in pred], dtype=float)
-    df["unsupported"] = list(why)
+    df = reference_rows(path)
+    alpha = engine_constants()["collective_latency_s"]
+    pred = []
+    for r in df.itertuples():
+        if not isinstance(r.cls, str):
+            pred.append(np.nan)
+            continue
+        gpu = get_gpu(r.gpu_name)
+        prof = profile_for(gpu, alpha)
+        if r.cls in LINKS.values():
+            lp = prof.link(r.cls)
+            pred.append(link_time(r.cls, lp.alpha_s, lp.bw_efficiency, r.nbytes, int(r.num_gpus), gpu.link_bw) * 1e6)
+        else:
+            pred.append(op_time(prof.op(r.cls), r, _peak(gpu, r.cls), gpu.mem_bw, _kv_tok(r)) * 1e6)
+    df["predicted_us"] = pred
     df["ape"] = (df["predicted_us"] - df["latency_us"]).abs() / df["latency_us"]
     df["log_ratio"] = np.log(df["predicted_us"] / df["latency_us"])
     return df
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """By GPU and op: rows, rows priced, median and p90 absolute percentage error, median bias."""
-    def agg(g):
-        ok = g["predicted_us"].notna()
-        return pd.Series({"rows": len(g), "priced": int(ok.sum()),
-                          "median_ape_%": 100 * g.loc[ok, "ape"].median() if ok.any() else np.nan,
-                          "p90_ape_%": 100 * g.loc[ok, "ape"].quantile(0.9) if ok.any() else np.nan,
-                          "median_pred/meas": float(np.exp(g.loc[ok, "log_ratio"].median())) if ok.any() else np.nan})
-    return df.groupby(["gpu", "op", "dtype"]).apply(agg, include_groups=False).reset_index()
+    """By GPU and op class: rows priced, median and p90 absolute percentage error, median bias,
+    whether the class is fitted, and the fit's leave-one-out median error."""
+    fitted = _fitted()
+    out = []
+    for (gpu, cls), g in df[df["cls"].notna()].groupby(["gpu_name", "cls"]):
+        f = fitted.get(gpu, {}).get(cls)
+        out.append({"gpu": gpu, "op_class": cls, "rows": len(g),
+                    "median_ape_%": 100 * g["ape"].median(), "p90_ape_%": 100 * g["ape"].quantile(0.9),
+                    "median_pred/meas": float(np.exp(g["log_ratio"].median())),
+                    "fitted": bool(f), "loo_median_ape_%": f.get("loo_median_ape_pct") if f else np.nan})
+    return pd.DataFrame(out)
 
 
 def plot(df: pd.DataFrame, out: Path) -> Path:
@@ -96,9 +59,10 @@ def plot(df: pd.DataFrame, out: Path) -> Path:
     import matplotlib.pyplot as plt
     ok = df["predicted_us"].notna()
     fig, ax = plt.subplots(figsize=(7, 7))
-    for op, g in df[ok].groupby("op"):
-        ax.scatter(g["latency_us"], g["predicted_us"], s=10, label=op)
-    lo, hi = df.loc[ok, ["latency_us", "predicted_us"]].min().min(), df.loc[ok, ["latency_us", "predicted_us"]].max().max()
+    for cls, g in df[ok].groupby("cls"):
+        ax.scatter(g["latency_us"], g["predicted_us"], s=10, label=cls)
+    lo = df.loc[ok, ["latency_us", "predicted_us"]].min().min()
+    hi = df.loc[ok, ["latency_us", "predicted_us"]].max().max()
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     for f in (0.9, 1.1):
         ax.plot([lo, hi], [lo * f, hi * f], "k:", lw=0.5)
@@ -106,8 +70,8 @@ def plot(df: pd.DataFrame, out: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("measured (us)")
     ax.set_ylabel("predicted (us)")
-    ax.set_title("Roofline primitives vs measured kernels (kernel_points.csv)")
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_title("Step-time model vs measured kernels (dotted: +-10%)")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
     p = out / "accuracy_ops.png"

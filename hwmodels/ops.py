@@ -1,17 +1,13 @@
-"""Cost of one operator: its FLOPs and bytes moved, and the time the roofline gives them.
+"""Cost of one operator: FLOPs and bytes moved, and the time a GPU profile gives them.
 
-time = max(flops / (peak x compute_efficiency), bytes / (bandwidth x memory_efficiency)) + kernel floor.
-These primitives are shared by the step-time model (roofline.py), `estimate` and the accuracy check
-against measured kernels (accuracy.py), so one formula serves all three.
+Shared by the step-time model (roofline.py), `estimate` and the accuracy check against measured
+kernels (accuracy.py, fit.py), so one formula serves all of them.
 """
 from __future__ import annotations
 
-from .catalog import GPU
-
-
-def roofline_time(gpu: GPU, flops: float, nbytes: float, dtype: str = "bf16") -> float:
-    return max(flops / (gpu.peak_flops(dtype) * gpu.compute_efficiency),
-               nbytes / (gpu.mem_bw * gpu.memory_efficiency)) + gpu.kernel_floor_s
+# vLLM's custom all-reduce serves messages up to 8 MiB inside a node (CustomAllreduce max_size
+# default, vllm/distributed/device_communicators/custom_all_reduce.py); larger ones go to NCCL.
+CUSTOM_ALL_REDUCE_MAX_BYTES = 8 * 1024 * 1024
 
 
 def gemm(m: float, n: float, k: float, w_bytes: float = 2, in_bytes: float = 2, out_bytes: float = 2):
@@ -22,22 +18,44 @@ def gemm(m: float, n: float, k: float, w_bytes: float = 2, in_bytes: float = 2, 
 def attention(new: float, cached: float, heads: float, kv_heads: float, head_dim: float,
               kv_bytes: float = 2, act_bytes: float = 2):
     """One sequence: `new` query tokens attend causally to `cached` + themselves (FlashAttention-style:
-    K and V read once, Q in, O out). A decode is new=1."""
+    K and V read once, Q in, O out). A decode is new=1. Useful FLOPs and bytes."""
     hd = heads * head_dim
     flops = 4.0 * hd * new * (cached + (new + 1) / 2)
     nbytes = (cached + new) * 2 * kv_heads * head_dim * kv_bytes + 2 * new * hd * act_bytes
     return flops, nbytes
 
 
-def ring_all_reduce_time(nbytes: float, n: int, link_bw: float, alpha: float) -> float:
+def attention_time(p, seqs, heads, kv_heads, head_dim, kv_bytes, act_bytes, peak, bw):
+    """Time, useful FLOPs and bytes of one attention kernel over [(new, cached), ...] sequences,
+    with the profile's per-sequence overhead s0 (a sequence of KV length L runs at L / (L + s0))."""
+    s0 = p.seq_overhead
+    kv_tok = 2 * kv_heads * head_dim * kv_bytes
+    f_sum = b_sum = f_eff = 0.0
+    for new, cached in seqs:
+        f, b = attention(new, cached, heads, kv_heads, head_dim, kv_bytes, act_bytes)
+        f_sum += f
+        b_sum += b
+        f_eff += f * (1 + s0 / (cached + new))
+    t = p.time(f_eff, b_sum + len(seqs) * s0 * kv_tok, peak, bw)
+    return t, f_sum, b_sum
+
+
+def ring_all_reduce_time(nbytes: float, n: int, link_bw: float, alpha: float, eta: float = 1.0) -> float:
     """Ring all-reduce: 2(n-1) steps, each moving nbytes/n over one link."""
-    return 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes / link_bw
+    return 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes / (link_bw * eta)
 
 
-def ring_all_gather_time(nbytes: float, n: int, link_bw: float, alpha: float) -> float:
+def ring_all_gather_time(nbytes: float, n: int, link_bw: float, alpha: float, eta: float = 1.0) -> float:
     """Ring all-gather of an nbytes result: (n-1) steps of nbytes/n each."""
-    return (n - 1) * alpha + (n - 1) / n * nbytes / link_bw
+    return (n - 1) * alpha + (n - 1) / n * nbytes / (link_bw * eta)
 
 
-def send_recv_time(nbytes: float, link_bw: float, alpha: float) -> float:
-    return alpha + nbytes / link_bw
+def send_recv_time(nbytes: float, link_bw: float, alpha: float, eta: float = 1.0) -> float:
+    return alpha + nbytes / (link_bw * eta)
+
+
+def all_reduce_time(profile, nbytes: float, n: int, link_bw: float) -> float:
+    """vLLM's choice: the custom all-reduce for small messages when a fit exists, NCCL's ring otherwise."""
+    custom = profile.link("all_reduce_custom")
+    lp = custom if (custom.fitted and nbytes <= CUSTOM_ALL_REDUCE_MAX_BYTES) else profile.link("all_reduce")
+    return ring_all_reduce_time(nbytes, n, link_bw, lp.alpha_s, lp.bw_efficiency)

@@ -1,9 +1,10 @@
-"""First roofline step-time model: per-op FLOPs and bytes, time = max(compute, memory) + floor.
+"""Roofline step-time model: per-op FLOPs and bytes priced with the GPU's fitted op-class profile.
 
-Each op is priced as max(flops / (peak x compute_efficiency), bytes / (bandwidth x memory_efficiency))
-plus the GPU's kernel floor; the efficiencies come from the GPU catalog (measured large-kernel
-throughput). TP adds two ring all-reduces per layer (alpha-beta). Pipeline stages run one after
-another for a batch (no micro-batch overlap yet). The calibrated, shape-dependent model is issue 4.
+Each op belongs to a class (gemm, attention prefill/decode, norm, add, rope, act) whose cost
+parameters come from hwmodels/data/profiles/ (fitted to measured kernels) or, for a GPU without
+measurements, from the catalog's efficiencies and kernel floor (hwmodels/profile.py). TP adds two
+all-reduces per layer (vLLM's custom all-reduce for small messages, NCCL ring otherwise). Pipeline
+stages run one after another for a batch (no micro-batch overlap yet).
 """
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ import math
 
 from .catalog import GPU, ModelSpec
 from .memory import dtype_bytes, engine_constants, kv_bytes_per_token
-from .ops import attention, gemm, ring_all_reduce_time, send_recv_time
+from .ops import CUSTOM_ALL_REDUCE_MAX_BYTES, all_reduce_time, attention_time, gemm, send_recv_time
+from .profile import profile_for
 from .step_time import BatchShape, StepTime
+
+LAYER_OPS = ("norm", "qkv_proj", "rope", "attn_prefill", "attn_decode", "o_proj", "add", "mlp_up", "mlp_act",
+             "mlp_down", "moe_router", "moe_experts", "all_reduce")
 
 
 class RooflineModel:
@@ -24,29 +29,41 @@ class RooflineModel:
         self.ab = 2  # activations stay 16-bit in every supported profile
         m = model
         h, d = m.hidden_size, m.head_dim
-        self.flops_peak = gpu.peak_flops(dtype) * gpu.compute_efficiency
-        self.bw = gpu.mem_bw * gpu.memory_efficiency
-        self.floor = gpu.kernel_floor_s
-        self.layers_per_gpu = math.ceil(m.num_layers / pp)
+        self.profile = profile_for(gpu, engine_constants()["collective_latency_s"])
+        p = self.profile
+        self.p_gemm = p.op("gemm_fp8" if dtype == "fp8" else "gemm")
+        self.p_pre, self.p_dec = p.op("attn_prefill"), p.op("attn_decode")
+        self.p_norm, self.p_add, self.p_rope, self.p_act = p.op("norm"), p.op("add"), p.op("rope"), p.op("act")
+        self.peak = gpu.peak_flops(dtype)
+        self.peak16 = gpu.bf16_flops
+        self.bw = gpu.mem_bw
+        self.layers = math.ceil(m.num_layers / pp) * pp
         self.heads = m.num_attention_heads / tp
-        self.kv_layer_bytes = kv_bytes_per_token(m, tp, 1, kv_dtype) / m.num_layers  # per token per layer
-        self.w_qkv = h * (m.num_attention_heads + 2 * m.num_kv_heads) * d / tp
-        self.w_o = m.num_attention_heads * d * h / tp
-        self.w_expert = 3 * h * m.intermediate_size / tp  # gate+up+down of one expert (or the dense MLP)
-        self.w_lm = m.vocab_size * h / tp
+        self.kv_tok = kv_bytes_per_token(m, tp, 1, kv_dtype) / m.num_layers  # KV bytes per token per layer
+        self.kvh = self.kv_tok / (2 * d)       # kv heads x kv dtype bytes, per GPU
+        self.hd = self.heads * d
+        self.q_kv = (m.num_attention_heads + 2 * m.num_kv_heads) * d / tp  # qkv output width per GPU
+        i_tp = m.intermediate_size / tp
+        self.i_tp = i_tp
+        # (name, n_out, n_in) of the dense GEMMs of one layer, per GPU
+        self.gemms = [("qkv_proj", self.q_kv, h), ("o_proj", h, self.hd)]
+        if not m.is_moe:
+            self.gemms += [("mlp_up", 2 * i_tp, h), ("mlp_down", h, i_tp)]
+        self.act_width = 3 * i_tp * max(1, m.experts_per_token)
+        self.rope_width = 2 * (m.num_attention_heads + m.num_kv_heads) * d / tp
         self.link_bw = gpu.link_bw or 0.0
-        self.alpha = engine_constants()["collective_latency_s"]
 
-    def _op(self, flops: float, nbytes: float) -> float:
-        return max(flops / self.flops_peak, nbytes / self.bw) + self.floor
+    # --- one op each; used by breakdown() -------------------------------------------------
+    def _gemm(self, T, n_out, n_in, out_bytes=2):
+        f, b = gemm(T, n_out, n_in, self.wb, self.ab, out_bytes)
+        return self.p_gemm.time(f, b, self.peak, self.bw), f, b
 
-    def _gemm(self, tokens: float, weights: float, n_in: float, n_out: float) -> tuple[float, float, float]:
-        f, b = gemm(tokens, n_out, n_in, self.wb, self.ab, self.ab)
-        return self._op(f, b), f, b
+    def _mem(self, p, nbytes):
+        return p.time(0.0, nbytes, self.peak16, self.bw), 0.0, nbytes
 
     def breakdown(self, batch: BatchShape) -> dict[str, tuple[float, float, float]]:
-        """Per-op (seconds, flops, bytes) for the whole step, all layers and stages included."""
-        m, L = self.model, self.layers_per_gpu * self.pp
+        """Per-op (seconds, useful FLOPs, bytes) for the whole step, all layers and stages included."""
+        m, L, ab = self.model, self.layers, self.ab
         h = m.hidden_size
         T = sum(batch.prefill_new) + len(batch.decode_cached)
         ops: dict[str, tuple[float, float, float]] = {}
@@ -56,125 +73,54 @@ class RooflineModel:
         def put(name, t, f, b, times=L):
             ops[name] = (t * times, f * times, b * times)
 
-        put("qkv_proj", *self._gemm(T, self.w_qkv, h, self.w_qkv / h))
-        put("o_proj", *self._gemm(T, self.w_o, self.w_o / h, h))
-        # attention: causal FlashAttention over (cached + new) keys; decode reads the whole KV
-        kvh = self.kv_layer_bytes / (2 * m.head_dim)  # kv heads x kv dtype bytes, per GPU
+        ops["embed"] = self._mem(self.p_add, 2 * T * h * ab)
+        put("norm", *self._mem(self.p_norm, 2 * T * h * ab), times=2 * L)
+        for name, n_out, n_in in self.gemms[:1]:
+            put(name, *self._gemm(T, n_out, n_in))
+        put("rope", *self._mem(self.p_rope, T * self.rope_width * ab))
+        args = (self.heads, self.kvh, m.head_dim, 1, ab, self.peak16, self.bw)
         if batch.prefill_new:
-            pf = pb = 0.0
-            for c, ctx in zip(batch.prefill_new, batch.prefill_cached):
-                f, b = attention(c, ctx, self.heads, kvh, m.head_dim, 1, self.ab)
-                pf, pb = pf + f, pb + b
-            put("attn_prefill", self._op(pf, pb), pf, pb)
+            put("attn_prefill", *attention_time(self.p_pre, list(zip(batch.prefill_new, batch.prefill_cached)), *args))
         if batch.decode_cached:
-            df = db = 0.0
-            for ctx in batch.decode_cached:
-                f, b = attention(1, ctx, self.heads, kvh, m.head_dim, 1, self.ab)
-                df, db = df + f, db + b
-            put("attn_decode", self._op(df, db), df, db)
+            put("attn_decode", *attention_time(self.p_dec, [(1, c) for c in batch.decode_cached], *args))
+        name, n_out, n_in = self.gemms[1]
+        put(name, *self._gemm(T, n_out, n_in))
+        put("add", *self._mem(self.p_add, 3 * T * h * ab), times=2 * L)
         if m.is_moe:
             E, k = m.num_experts, m.experts_per_token
-            touched = E * (1 - (1 - k / E) ** T) + m.shared_experts
-            flops = 2 * T * (k + m.shared_experts) * self.w_expert
-            nbytes = touched * self.w_expert * self.wb + T * (2 * h + 3 * k * m.intermediate_size / self.tp) * self.ab
-            put("moe_experts", self._op(flops, nbytes), flops, nbytes)
+            put("moe_router", *self._gemm(T, E, h))
+            w_expert = 3 * h * m.intermediate_size / self.tp
+            touched = E * (1 - (1 - k / E) ** T) + m.shared_experts   # expected distinct experts hit
+            f = 2 * T * (k + m.shared_experts) * w_expert
+            b = touched * w_expert * self.wb + T * (k + m.shared_experts) * (h + 3 * self.i_tp) * ab
+            put("moe_experts", self.p_gemm.time(f, b, self.peak, self.bw), f, b)
         else:
-            i_tp = m.intermediate_size / self.tp
-            put("mlp_up", *self._gemm(T, 2 * h * i_tp, h, 2 * i_tp))
-            put("mlp_down", *self._gemm(T, i_tp * h, i_tp, h))
-        # norms, rope, activation, residual adds: memory-bound elementwise passes over the activations
-        eb = T * self.ab * (10 * h + 3 * m.intermediate_size * max(1, m.experts_per_token) / self.tp)
-        put("elementwise", self._op(0.0, eb), 0.0, eb)
+            for name, n_out, n_in in self.gemms[2:]:
+                put(name, *self._gemm(T, n_out, n_in))
+        put("mlp_act", *self._mem(self.p_act, T * self.act_width * ab))
         if self.tp > 1:
-            put("all_reduce", ring_all_reduce_time(T * h * self.ab, self.tp, self.link_bw, self.alpha), 0.0, 0.0,
-                times=2 * L)
+            put("all_reduce", all_reduce_time(self.profile, T * h * ab, self.tp, self.link_bw), 0.0, 0.0, times=2 * L)
         if self.pp > 1:
-            ops["send_recv"] = ((self.pp - 1) * send_recv_time(T * h * self.ab, self.link_bw, self.alpha), 0.0, 0.0)
-        S = max(batch.num_sampled, 0)
-        ops["embed"] = (self._op(0.0, T * h * self.ab), 0.0, T * h * self.ab)
+            lp = self.profile.link("send_recv")
+            ops["send_recv"] = ((self.pp - 1) * send_recv_time(T * h * ab, self.link_bw, lp.alpha_s, lp.bw_efficiency),
+                                0.0, 0.0)
+        S = batch.num_sampled
         if S:
-            lf, lb = 2 * S * self.w_lm, self.w_lm * self.wb + S * (h * self.ab + m.vocab_size / self.tp * 4)
-            ops["lm_head"] = (self._op(lf, lb), lf, lb)
+            ops["norm"] = tuple(a + b for a, b in zip(ops["norm"], self._mem(self.p_norm, 2 * S * h * ab)))
+            ops["lm_head"] = self._gemm(S, m.vocab_size / self.tp, h, out_bytes=4)  # fp32 logits
+            ops["sampling"] = self._mem(self.p_add, 2 * S * m.vocab_size * 4)       # softmax over the vocab
         if self.overhead_s:
             ops["cpu_overhead"] = (self.overhead_s, 0.0, 0.0)
         return ops
 
     def step_time(self, batch: BatchShape) -> StepTime:
-        """Same arithmetic as breakdown() (a test holds them equal), without building the dict:
+        """The sum of breakdown(), computed without building it (a test holds the two equal):
         this runs once per simulated iteration."""
-        T = sum(batch.prefill_new) + len(batch.decode_cached)
-        if T == 0:
-            return StepTime(self.overhead_s, 0.0, 0.0)
-        c = self._consts
-        F, B, fl = self.flops_peak, self.bw, self.floor
-        L = c["L"]
-        t = 0.0
-        flops = 0.0
-        nbytes = 0.0
-        for w, n_io in c["gemms"]:        # (weights, activations in+out per token)
-            f = 2 * T * w
-            b = w * self.wb + T * n_io * self.ab
-            t += (f / F if f / F > b / B else b / B) + fl
-            flops += f
-            nbytes += b
-        t *= L
-        flops *= L
-        nbytes *= L
-        hd, kvb, ab = c["hd"], self.kv_layer_bytes, self.ab
-        if batch.prefill_new:
-            pf = pb = 0.0
-            for n, ctx in zip(batch.prefill_new, batch.prefill_cached):
-                pf += 4 * hd * n * (ctx + (n + 1) / 2)
-                pb += (ctx + n) * kvb + 2 * n * hd * ab
-            t += L * (max(pf / F, pb / B) + fl)
-            flops += L * pf
-            nbytes += L * pb
-        if batch.decode_cached:
-            nd = len(batch.decode_cached)
-            ctx_sum = sum(batch.decode_cached) + nd
-            df, db = 4 * hd * ctx_sum, ctx_sum * kvb + 2 * nd * hd * ab
-            t += L * (max(df / F, db / B) + fl)
-            flops += L * df
-            nbytes += L * db
-        m = self.model
-        if m.is_moe:
-            E, k = m.num_experts, m.experts_per_token
-            touched = E * (1 - (1 - k / E) ** T) + m.shared_experts
-            f = 2 * T * (k + m.shared_experts) * self.w_expert
-            b = touched * self.w_expert * self.wb + T * (2 * m.hidden_size + 3 * k * m.intermediate_size / self.tp) * ab
-            t += L * (max(f / F, b / B) + fl)
-            flops += L * f
-            nbytes += L * b
-        eb = T * c["elem"]
-        t += L * (eb / B + fl)
-        nbytes += L * eb
-        if self.tp > 1:
-            t += 2 * L * (2 * (self.tp - 1) * self.alpha + 2 * (self.tp - 1) / self.tp * T * c["hab"] / self.link_bw)
-        if self.pp > 1:
-            t += (self.pp - 1) * (self.alpha + T * c["hab"] / self.link_bw)
-        t += T * c["hab"] / B + fl
-        nbytes += T * c["hab"]
-        S = batch.num_sampled
-        if S:
-            lf = 2 * S * self.w_lm
-            lb = self.w_lm * self.wb + S * (c["hab"] + m.vocab_size / self.tp * 4)
-            t += max(lf / F, lb / B) + fl
-            flops += lf
-            nbytes += lb
+        ops = self.breakdown(batch)
         g = self.tp  # ops are per GPU; the replica's FLOPs and bytes are tp x those (MFU over all GPUs)
-        return StepTime(t + self.overhead_s, g * flops, g * nbytes)
-
-    @property
-    def _consts(self):
-        c = self.__dict__.get("_c")
-        if c is None:
-            m, h = self.model, self.model.hidden_size
-            gemms = [(self.w_qkv, h + self.w_qkv / h), (self.w_o, self.w_o / h + h)]
-            if not m.is_moe:
-                i_tp = m.intermediate_size / self.tp
-                gemms += [(2 * h * i_tp, h + 2 * i_tp), (i_tp * h, i_tp + h)]
-            c = self.__dict__["_c"] = {
-                "L": self.layers_per_gpu * self.pp, "gemms": gemms, "hd": self.heads * m.head_dim,
-                "elem": self.ab * (10 * h + 3 * m.intermediate_size * max(1, m.experts_per_token) / self.tp),
-                "hab": h * self.ab}
-        return c
+        t = f = b = 0.0
+        for o in ops.values():
+            t += o[0]
+            f += o[1]
+            b += o[2]
+        return StepTime(t, g * f, g * b)

@@ -165,13 +165,35 @@ def accuracy(out: Path = typer.Option(Path("runs/accuracy"), "-o", "--out", help
     df = evaluate()
     table = summarize(df)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "accuracy_rows.csv", index=False)
+    df.drop(columns=["seqs"]).to_csv(out / "accuracy_rows.csv", index=False)
     table.to_csv(out / "accuracy_ops.csv", index=False)
     p = plot(df, out)
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.1f}"))
     ok = df["predicted_us"].notna()
-    print(f"\nrows priced {int(ok.sum())} of {len(df)}; median APE over priced rows "
-          f"{100 * df.loc[ok, 'ape'].median():.1f}%; wrote {out}/accuracy_rows.csv, accuracy_ops.csv, {p.name}")
+    skipped = df.loc[~ok, "why"].value_counts()
+    print(f"\nrows priced {int(ok.sum())} of {len(df)}; not priced: "
+          + "; ".join(f"{n} ({why})" for why, n in skipped.items()))
+    print(f"wrote {out}/accuracy_rows.csv, accuracy_ops.csv, {p.name}")
+
+
+@app.command()
+@friendly
+def calibrate(from_reference: bool = typer.Option(False, "--from-reference",
+                                                  help="fit GPU profiles to hwmodels/data/reference/kernel_points.csv"),
+              out: Optional[Path] = typer.Option(None, "-o", "--out", help="profile YAML to write"),
+              loo: bool = typer.Option(True, "--loo/--no-loo", help="also compute leave-one-out errors (slower)")):
+    """Fit step-time profile parameters to measured kernels and write a profile that run/estimate use."""
+    from servesim.hwmodels.fit import fit_reference, write_profile
+    from servesim.hwmodels.profile import PROFILES
+
+    if not from_reference:
+        raise ServesimError("only --from-reference is available yet: microbenchmarking the local machine "
+                            "(--backend numpy|torch) is not built")
+    doc = fit_reference(loo=loo)
+    path = write_profile(doc, out or PROFILES / "reference.yaml")
+    for gpu, classes in doc["gpus"].items():
+        print(f"{gpu}: " + ", ".join(f"{c} {v['median_ape_pct']:.1f}%" for c, v in classes.items()))
+    print(f"wrote {path}")
 
 
 def main():

@@ -1,0 +1,187 @@
+"""Fit per-GPU, per-op-class profile parameters to measured kernels (`servesim calibrate --from-reference`).
+
+Each reference row of hwmodels/data/reference/kernel_points.csv is mapped once, here, to an op class
+with its FLOPs, bytes and sequences; parameters are fitted by least squares on log(predicted/measured)
+(scipy, several starts), and every fit reports its in-sample and leave-one-out errors.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy.optimize import least_squares
+
+from .catalog import DATA, get_gpu
+from .memory import engine_constants
+from .ops import attention, gemm, ring_all_gather_time, ring_all_reduce_time, send_recv_time
+from .profile import PROFILES, OpParams
+
+KERNELS = DATA / "reference" / "kernel_points.csv"
+GPU_NAMES = {"A100-80GB": "A100-80GB-SXM"}   # Vidur names the A100-80GB without its form factor
+VIDUR_GEMMS = {"attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj"}
+ELEMENTWISE = {"input_layernorm": "norm", "add": "add", "attn_rope": "rope", "mlp_act": "act"}
+LINKS = {"allreduce": "all_reduce", "allreduce_custom": "all_reduce_custom", "allgather": "all_gather",
+         "send_recv": "send_recv"}
+
+
+def _note(notes, key: str) -> float | None:
+    m = re.search(rf"{key}=(\d+)", notes if isinstance(notes, str) else "")
+    return float(m.group(1)) if m else None
+
+
+def classify(row) -> dict:
+    """Op class, FLOPs, bytes, sequences and link shape of one reference row, or `why` it is not priced."""
+    gpu = GPU_NAMES.get(row.gpu, row.gpu)
+    base = {"gpu_name": gpu, "cls": None, "flops": 0.0, "nbytes": 0.0, "seqs": None, "why": ""}
+    op = row.op
+    if op == "gemm" or op in VIDUR_GEMMS:
+        if row.dtype == "nvfp4":
+            return {**base, "why": "no fp4 peak in the GPU catalog"}
+        if row.dtype == "fp8":
+            f, b = gemm(row.m, row.n, row.k, 1, 1, 2)
+            return {**base, "cls": "gemm_fp8", "flops": f, "nbytes": b}
+        f, b = gemm(row.m, row.n, row.k)
+        return {**base, "cls": "gemm", "flops": f, "nbytes": b}
+    if op in ("prefill_attention", "decode_attention"):
+        seq = (row.seq_len, 0) if op == "prefill_attention" else (1, row.seq_len - 1)
+        f, b = attention(*seq, row.num_heads, row.num_kv_heads, row.head_dim)
+        cls = "attn_prefill" if op == "prefill_attention" else "attn_decode"
+        return {**base, "cls": cls, "flops": row.batch * f, "nbytes": row.batch * b, "seqs": [seq] * int(row.batch)}
+    if op in LINKS:
+        per_node, nodes = _note(row.notes, "devices_per_node"), _note(row.notes, "nodes")
+        if (nodes or 1) > 1 and (per_node or 1) < row.num_gpus:
+            return {**base, "why": "crosses nodes: no inter-node link in the GPU catalog"}
+        return {**base, "cls": LINKS[op], "nbytes": row.bytes}
+    if op in ELEMENTWISE:
+        h, inter = _note(row.notes, "hidden"), _note(row.notes, "intermediate")
+        T, tp = row.num_tokens, (row.tp if row.tp == row.tp else 1)
+        nbytes = {"norm": 2 * T * h * 2, "add": 3 * T * h * 2,
+                  "rope": 2 * T * (row.num_heads + row.num_kv_heads) * row.head_dim / tp * 2,
+                  "act": T * 3 * inter / tp * 2}[ELEMENTWISE[op]]
+        return {**base, "cls": ELEMENTWISE[op], "nbytes": nbytes}
+    return {**base, "why": f"op {op} is not priced"}
+
+
+def reference_rows(path: Path = KERNELS) -> pd.DataFrame:
+    df = pd.read_csv(path)
+    info = pd.DataFrame([classify(r) for r in df.itertuples()], index=df.index)
+    return pd.concat([df, info], axis=1)
+
+
+# --- op classes -----------------------------------------------------------------------------
+def op_time(p: OpParams, row, peak: float, bw: float, kv_tok: float) -> float:
+    if row.seqs:
+        s0 = p.seq_overhead
+        f_eff = sum(attention(n, c, row.num_heads, row.num_kv_heads, row.head_dim)[0] * (1 + s0 / (n + c))
+                    for n, c in row.seqs)
+        return p.time(f_eff, row.nbytes + len(row.seqs) * s0 * kv_tok, peak, bw)
+    return p.time(row.flops, row.nbytes, peak, bw)
+
+
+def _peak(gpu, cls):
+    return gpu.peak_flops("fp8" if cls == "gemm_fp8" else "bf16")
+
+
+def _kv_tok(row) -> float:
+    return 2 * row.num_kv_heads * row.head_dim * 2 if row.seqs else 0.0
+
+
+def _fit_ops(g: pd.DataFrame, cls: str, gpu) -> OpParams:
+    peak, bw = _peak(gpu, cls), gpu.mem_bw
+    attn = cls.startswith("attn")
+    y = g["latency_us"].to_numpy() * 1e-6
+    rows = list(g.itertuples())
+    kv = [_kv_tok(r) for r in rows]
+
+    def resid(x):
+        p = OpParams(x[0], x[1], x[2] * 1e-6, x[3] * 1e-6, x[4] if attn else 0.0)
+        return np.log(np.array([op_time(p, r, peak, bw, k) for r, k in zip(rows, kv)]) / y)
+
+    best = None
+    starts = ([0.7, 0.8, 5, 5, 100], [0.6, 0.8, 10, 10, 300], [0.5, 0.5, 10, 10, 1000], [0.7, 0.9, 5, 5, 10])
+    for x0 in starts:
+        r = least_squares(resid, x0, bounds=([0.02, 0.02, 0, 0, 0], [1, 1, 1e4, 1e4, 1e5]))
+        if best is None or r.cost < best.cost:
+            best = r
+    x = best.x
+    return OpParams(float(x[0]), float(x[1]), float(x[2]) * 1e-6, float(x[3]) * 1e-6, float(x[4]) if attn else 0.0, True)
+
+
+# --- collectives ----------------------------------------------------------------------------
+def link_time(cls: str, alpha: float, eta: float, nbytes: float, n: int, link_bw: float) -> float:
+    if cls == "all_gather":
+        return ring_all_gather_time(nbytes, n, link_bw, alpha, eta)
+    if cls == "send_recv":
+        return send_recv_time(nbytes, link_bw, alpha, eta)
+    return ring_all_reduce_time(nbytes, n, link_bw, alpha, eta)
+
+
+def _fit_link(g: pd.DataFrame, cls: str, gpu) -> tuple[float, float]:
+    y = g["latency_us"].to_numpy() * 1e-6
+    b, n = g["nbytes"].to_numpy(), g["num_gpus"].to_numpy().astype(int)
+
+    def resid(x):
+        return np.log(np.array([link_time(cls, x[0] * 1e-6, x[1], bi, ni, gpu.link_bw) for bi, ni in zip(b, n)]) / y)
+
+    r = least_squares(resid, [5.0, 0.7], bounds=([0, 0.01], [1e4, 1.5]))
+    return float(r.x[0]) * 1e-6, float(r.x[1])
+
+
+def _predict(cls, params, g, gpu) -> np.ndarray:
+    if cls in LINKS.values():
+        a, e = params
+        return np.array([link_time(cls, a, e, r.nbytes, int(r.num_gpus), gpu.link_bw) for r in g.itertuples()])
+    peak, bw = _peak(gpu, cls), gpu.mem_bw
+    return np.array([op_time(params, r, peak, bw, _kv_tok(r)) for r in g.itertuples()])
+
+
+def _fit(cls, g, gpu):
+    return _fit_link(g, cls, gpu) if cls in LINKS.values() else _fit_ops(g, cls, gpu)
+
+
+def fit_reference(path: Path = KERNELS, loo: bool = True) -> dict:
+    """Fit every (GPU, class) group with enough rows; returns the profile document (YAML-ready)."""
+    rows = reference_rows(path)
+    gpus: dict = {}
+    for (gname, cls), g in rows[rows["cls"].notna()].groupby(["gpu_name", "cls"]):
+        gpu = get_gpu(gname)
+        if len(g) < 6 or (cls in LINKS.values() and not gpu.link_bw):
+            continue
+        params = _fit(cls, g, gpu)
+        y = g["latency_us"].to_numpy() * 1e-6
+        ape = np.abs(_predict(cls, params, g, gpu) / y - 1)
+        stats = {"rows": int(len(g)), "median_ape_pct": round(100 * float(np.median(ape)), 2),
+                 "p90_ape_pct": round(100 * float(np.percentile(ape, 90)), 2)}
+        if loo:
+            errs = []
+            for k in range(len(g)):
+                pk = _fit(cls, g.drop(g.index[k]), gpu)
+                errs.append(abs(_predict(cls, pk, g.iloc[[k]], gpu)[0] / y[k] - 1))
+            stats["loo_median_ape_pct"] = round(100 * float(np.median(errs)), 2)
+            stats["loo_p90_ape_pct"] = round(100 * float(np.percentile(errs, 90)), 2)
+        if cls in LINKS.values():
+            entry = {"alpha_us": round(params[0] * 1e6, 4), "bw_efficiency": round(params[1], 4)}
+        else:
+            entry = {"compute_efficiency": round(params.compute_efficiency, 4),
+                     "memory_efficiency": round(params.memory_efficiency, 4),
+                     "compute_offset_us": round(params.compute_offset_s * 1e6, 4),
+                     "memory_offset_us": round(params.memory_offset_s * 1e6, 4)}
+            if cls.startswith("attn"):
+                entry["seq_overhead"] = round(params.seq_overhead, 3)
+        gpus.setdefault(gname, {})[cls] = {**entry, **stats}
+    return {"source": "hwmodels/data/reference/kernel_points.csv (see its README for upstream commits)",
+            "method": "scipy least_squares on log(predicted/measured) per GPU and op class; "
+                      "stats: in-sample and leave-one-out absolute percentage errors",
+            "created": dt.date.today().isoformat(), "gpus": gpus}
+
+
+def write_profile(doc: dict, path: Path = PROFILES / "reference.yaml") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = ("# Fitted op-class parameters per GPU; written by `servesim calibrate --from-reference`.\n"
+            "# Model: see hwmodels/profile.py. Do not edit by hand: re-run the fit.\n")
+    path.write_text(head + yaml.safe_dump(doc, sort_keys=False, width=120))
+    return path

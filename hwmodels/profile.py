@@ -1,0 +1,83 @@
+"""Per-GPU, per-op-class cost parameters: fitted ones from hwmodels/data/profiles/*.yaml, else catalog defaults.
+
+An op of class c with FLOPs F and bytes B on sequences of KV length L takes
+    max(F (1 + s0/L) / (peak x e) + a,  (B + n_seq x s0 x kv_bytes) / (bandwidth x m) + b)
+e, m: sustained fractions of peak; a, b: fixed costs (launch, tail); s0: per-sequence attention
+overhead in virtual keys (a sequence of length L runs at efficiency L / (L + s0)); s0 = 0 outside
+attention. Collectives follow alpha-beta: steps x alpha + traffic / (link bandwidth x eta).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import yaml
+
+from .catalog import DATA, GPU
+
+OP_CLASSES = ("gemm", "gemm_fp8", "attn_prefill", "attn_decode", "norm", "add", "rope", "act")
+LINK_CLASSES = ("all_reduce", "all_reduce_custom", "all_gather", "send_recv")
+PROFILES = DATA / "profiles"
+
+
+@dataclass(frozen=True)
+class OpParams:
+    compute_efficiency: float
+    memory_efficiency: float
+    compute_offset_s: float
+    memory_offset_s: float
+    seq_overhead: float = 0.0
+    fitted: bool = False
+
+    def time(self, flops: float, nbytes: float, peak: float, bw: float) -> float:
+        return max(flops / (peak * self.compute_efficiency) + self.compute_offset_s,
+                   nbytes / (bw * self.memory_efficiency) + self.memory_offset_s)
+
+
+@dataclass(frozen=True)
+class LinkParams:
+    alpha_s: float
+    bw_efficiency: float
+    fitted: bool = False
+
+
+@dataclass(frozen=True)
+class Profile:
+    gpu: str
+    ops: dict
+    links: dict
+
+    def op(self, cls: str) -> OpParams:
+        return self.ops[cls]
+
+    def link(self, cls: str) -> LinkParams:
+        return self.links[cls]
+
+
+@lru_cache(maxsize=None)
+def _fitted() -> dict:
+    out: dict = {}
+    for p in sorted(PROFILES.glob("*.yaml")) if PROFILES.is_dir() else []:
+        with open(p) as f:
+            data = yaml.safe_load(f) or {}
+        for gpu, entry in data.get("gpus", {}).items():
+            out.setdefault(gpu, {}).update(entry)
+    return out
+
+
+def profile_for(gpu: GPU, alpha_default: float) -> Profile:
+    fitted = _fitted().get(gpu.name, {})
+    floor = gpu.kernel_floor_s
+    ops, links = {}, {}
+    for c in OP_CLASSES:
+        f = fitted.get(c)
+        if f:
+            ops[c] = OpParams(f["compute_efficiency"], f["memory_efficiency"], f["compute_offset_us"] * 1e-6,
+                              f["memory_offset_us"] * 1e-6, f.get("seq_overhead", 0.0), True)
+        else:
+            ops[c] = OpParams(gpu.compute_efficiency, gpu.memory_efficiency, floor, floor)
+    for c in LINK_CLASSES:
+        f = fitted.get(c)
+        links[c] = (LinkParams(f["alpha_us"] * 1e-6, f["bw_efficiency"], True) if f
+                    else LinkParams(alpha_default, 1.0))
+    return Profile(gpu.name, ops, links)
