@@ -78,3 +78,48 @@ def plot(df: pd.DataFrame, out: Path) -> Path:
     fig.savefig(p, dpi=110)
     plt.close(fig)
     return p
+
+
+# --- end to end: published TensorRT-LLM tables (a check only, never fitting input) ------------
+TRTLLM = KERNELS.parent / "trtllm_v061.csv"
+TRT_MODELS = {"LLaMA 7B": "meta-llama/Llama-2-7b-hf", "LLaMA 70B": "meta-llama/Llama-2-70b-hf"}
+TRT_GPUS = {"H100": "H100-SXM", "A100": "A100-80GB-SXM", "L40S": "L40S"}
+
+
+def static_batch(model: str, gpu: str, tp: int, dtype: str, batch: int, input_len: int, output_len: int):
+    """(seconds to first token, total seconds) of one static batch: one prefill of every prompt, then
+    output_len - 1 decode steps of the whole batch (TensorRT-LLM's benchmark without in-flight batching)."""
+    from .catalog import get_model
+    from .roofline import RooflineModel
+    from .step_time import BatchShape
+
+    rm = RooflineModel(get_model(model), get_gpu(gpu), tp=tp, dtype=dtype, kv_dtype=dtype)
+    first = rm.step_time(BatchShape([input_len] * batch, [0] * batch, [], batch)).seconds
+    total = first
+    for k in range(1, output_len):
+        total += rm.step_time(BatchShape([], [], [input_len + k - 1] * batch, batch)).seconds
+    return first, total
+
+
+def engine_check(path: Path = TRTLLM) -> pd.DataFrame:
+    df = pd.read_csv(path)
+    pred, why = [], []
+    for r in df.itertuples():
+        model, gpu = TRT_MODELS.get(r.model), TRT_GPUS.get(r.gpu)
+        if model is None or gpu is None:
+            pred.append(np.nan)
+            why.append(f"{r.model} not in the model catalog" if model is None else f"{r.gpu} not mapped")
+            continue
+        dtype = "fp8" if r.precision == "FP8" else "bf16"   # FP16 and BF16 have the same peaks and widths
+        if r.table == "throughput":
+            _, total = static_batch(model, gpu, int(r.tp), dtype, int(r.batch), int(r.input_len), int(r.output_len))
+            pred.append(r.batch * r.output_len / total / r.tp)
+        else:
+            first, _ = static_batch(model, gpu, int(r.tp), dtype, 1, int(r.input_len), 1)
+            pred.append(first * 1e3)
+        why.append("")
+    df["published"] = np.where(df["table"] == "throughput", df["tokens_per_s"], df["latency_ms"])
+    df["predicted"] = pred
+    df["why"] = why
+    df["ape"] = (df["predicted"] - df["published"]).abs() / df["published"]
+    return df

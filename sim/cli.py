@@ -173,7 +173,18 @@ def accuracy(out: Path = typer.Option(Path("runs/accuracy"), "-o", "--out", help
     skipped = df.loc[~ok, "why"].value_counts()
     print(f"\nrows priced {int(ok.sum())} of {len(df)}; not priced: "
           + "; ".join(f"{n} ({why})" for why, n in skipped.items()))
-    print(f"wrote {out}/accuracy_rows.csv, accuracy_ops.csv, {p.name}")
+    from servesim.hwmodels.accuracy import engine_check
+    e = engine_check()
+    e.to_csv(out / "accuracy_engine.csv", index=False)
+    ok = e["predicted"].notna()
+    cols = ["table", "model", "gpu", "precision", "tp", "batch", "input_len", "output_len", "published", "predicted", "ape"]
+    print("\nEnd to end vs published TensorRT-LLM v0.6.1 tables (throughput: output tok/s/GPU; "
+          "first_token_latency: ms). Used as a check only, never fitted:")
+    print(e.loc[ok, cols].to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    for table, g in e[ok].groupby("table"):
+        print(f"{table}: median APE {100 * g['ape'].median():.1f}% over {len(g)} rows")
+    print("not compared: " + "; ".join(f"{n} rows ({w})" for w, n in e.loc[~ok, "why"].value_counts().items()))
+    print(f"wrote {out}/accuracy_rows.csv, accuracy_ops.csv, accuracy_engine.csv, {p.name}")
 
 
 @app.command()
