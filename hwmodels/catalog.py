@@ -29,6 +29,7 @@ class GPU:
     source: str
 
     def peak_flops(self, dtype: str) -> float:
+        """Tensor-core peak for a precision profile; weight-only int8/int4 compute in bf16."""
         if dtype == "fp8":
             if not self.fp8_flops:
                 raise ConfigError(f"gpu {self.name} has no fp8 tensor cores in the catalog; use dtype bf16")

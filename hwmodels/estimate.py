@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .catalog import get_gpu, get_model
+from .memory import engine_constants
 from .roofline import LAYER_OPS, RooflineModel
 from .step_time import BatchShape
 
@@ -12,7 +13,9 @@ def estimate(gpu: str, model: str, tp: int = 1, pp: int = 1, dtype: str = "bf16"
     one token for each context length in `decode`. Returns the total and, per op, seconds, useful FLOPs and
     bytes for the whole step (and per layer for layer ops), with the side of the roofline ridge it sits on."""
     m, g = get_model(model), get_gpu(gpu)
-    rm = RooflineModel(m, g, tp=tp, pp=pp, dtype=dtype, kv_dtype=kv_dtype or dtype, overhead_s=overhead_s)
+    if kv_dtype is None:
+        kv_dtype = "bf16" if dtype in engine_constants()["weight_only_dtypes"] else dtype
+    rm = RooflineModel(m, g, tp=tp, pp=pp, dtype=dtype, kv_dtype=kv_dtype, overhead_s=overhead_s)
     shape = BatchShape([c for c, _ in prefill], [x for _, x in prefill], list(decode),
                        num_sampled=len(prefill) + len(decode))
     st = rm.step_time(shape)

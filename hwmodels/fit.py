@@ -112,29 +112,33 @@ def _fit_ops(g: pd.DataFrame, cls: str, gpu) -> OpParams:
 
 
 # --- collectives ----------------------------------------------------------------------------
-def link_time(cls: str, alpha: float, eta: float, nbytes: float, n: int, link_bw: float) -> float:
+def link_time(cls: str, alpha: float, eta: float, nbytes: float, n: int, link_bw: float, base: float = 0.0) -> float:
     if cls == "all_gather":
-        return ring_all_gather_time(nbytes, n, link_bw, alpha, eta)
+        return ring_all_gather_time(nbytes, n, link_bw, alpha, eta, base)
     if cls == "send_recv":
-        return send_recv_time(nbytes, link_bw, alpha, eta)
-    return ring_all_reduce_time(nbytes, n, link_bw, alpha, eta)
+        return send_recv_time(nbytes, link_bw, alpha, eta, base)
+    return ring_all_reduce_time(nbytes, n, link_bw, alpha, eta, base)
 
 
-def _fit_link(g: pd.DataFrame, cls: str, gpu) -> tuple[float, float]:
+def _fit_link(g: pd.DataFrame, cls: str, gpu) -> tuple[float, float, float]:
+    """(alpha, eta, base); send_recv has one hop, so its alpha and base are one parameter (base = 0)."""
     y = g["latency_us"].to_numpy() * 1e-6
     b, n = g["nbytes"].to_numpy(), g["num_gpus"].to_numpy().astype(int)
+    one_hop = cls == "send_recv"
 
     def resid(x):
-        return np.log(np.array([link_time(cls, x[0] * 1e-6, x[1], bi, ni, gpu.link_bw) for bi, ni in zip(b, n)]) / y)
+        base = 0.0 if one_hop else x[2] * 1e-6
+        return np.log(np.array([link_time(cls, x[0] * 1e-6, x[1], bi, ni, gpu.link_bw, base)
+                                for bi, ni in zip(b, n)]) / y)
 
-    r = least_squares(resid, [5.0, 0.7], bounds=([0, 0.01], [1e4, 1.5]))
-    return float(r.x[0]) * 1e-6, float(r.x[1])
+    r = least_squares(resid, [2.0, 0.7, 5.0], bounds=([0, 0.01, 0], [1e4, 1.5, 1e4]))
+    return float(r.x[0]) * 1e-6, float(r.x[1]), 0.0 if one_hop else float(r.x[2]) * 1e-6
 
 
 def _predict(cls, params, g, gpu) -> np.ndarray:
     if cls in LINKS.values():
-        a, e = params
-        return np.array([link_time(cls, a, e, r.nbytes, int(r.num_gpus), gpu.link_bw) for r in g.itertuples()])
+        a, e, c = params
+        return np.array([link_time(cls, a, e, r.nbytes, int(r.num_gpus), gpu.link_bw, c) for r in g.itertuples()])
     peak, bw = _peak(gpu, cls), gpu.mem_bw
     return np.array([op_time(params, r, peak, bw, _kv_tok(r)) for r in g.itertuples()])
 
@@ -164,7 +168,8 @@ def fit_reference(path: Path = KERNELS, loo: bool = True) -> dict:
             stats["loo_median_ape_pct"] = round(100 * float(np.median(errs)), 2)
             stats["loo_p90_ape_pct"] = round(100 * float(np.percentile(errs, 90)), 2)
         if cls in LINKS.values():
-            entry = {"alpha_us": round(params[0] * 1e6, 4), "bw_efficiency": round(params[1], 4)}
+            entry = {"alpha_us": round(params[0] * 1e6, 4), "bw_efficiency": round(params[1], 4),
+                     "base_us": round(params[2] * 1e6, 4)}
         else:
             entry = {"compute_efficiency": round(params.compute_efficiency, 4),
                      "memory_efficiency": round(params.memory_efficiency, 4),

@@ -40,22 +40,25 @@ def attention_time(p, seqs, heads, kv_heads, head_dim, kv_bytes, act_bytes, peak
     return t, f_sum, b_sum
 
 
-def ring_all_reduce_time(nbytes: float, n: int, link_bw: float, alpha: float, eta: float = 1.0) -> float:
-    """Ring all-reduce: 2(n-1) steps, each moving nbytes/n over one link."""
-    return 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes / (link_bw * eta)
+def ring_all_reduce_time(nbytes: float, n: int, link_bw: float, alpha: float, eta: float = 1.0,
+                         base: float = 0.0) -> float:
+    """All-reduce in the alpha-beta form: a fixed cost per call, 2(n-1) steps of alpha, and the ring's
+    2(n-1)/n x nbytes of traffic per GPU at eta x link bandwidth."""
+    return base + 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes / (link_bw * eta)
 
 
-def ring_all_gather_time(nbytes: float, n: int, link_bw: float, alpha: float, eta: float = 1.0) -> float:
-    """Ring all-gather of an nbytes result: (n-1) steps of nbytes/n each."""
-    return (n - 1) * alpha + (n - 1) / n * nbytes / (link_bw * eta)
+def ring_all_gather_time(nbytes: float, n: int, link_bw: float, alpha: float, eta: float = 1.0,
+                         base: float = 0.0) -> float:
+    """All-gather of an nbytes result: (n-1) steps, (n-1)/n x nbytes of traffic per GPU."""
+    return base + (n - 1) * alpha + (n - 1) / n * nbytes / (link_bw * eta)
 
 
-def send_recv_time(nbytes: float, link_bw: float, alpha: float, eta: float = 1.0) -> float:
-    return alpha + nbytes / (link_bw * eta)
+def send_recv_time(nbytes: float, link_bw: float, alpha: float, eta: float = 1.0, base: float = 0.0) -> float:
+    return base + alpha + nbytes / (link_bw * eta)
 
 
 def all_reduce_time(profile, nbytes: float, n: int, link_bw: float) -> float:
     """vLLM's choice: the custom all-reduce for small messages when a fit exists, NCCL's ring otherwise."""
     custom = profile.link("all_reduce_custom")
     lp = custom if (custom.fitted and nbytes <= CUSTOM_ALL_REDUCE_MAX_BYTES) else profile.link("all_reduce")
-    return ring_all_reduce_time(nbytes, n, link_bw, lp.alpha_s, lp.bw_efficiency)
+    return ring_all_reduce_time(nbytes, n, link_bw, lp.alpha_s, lp.bw_efficiency, lp.base_s)

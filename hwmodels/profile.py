@@ -4,7 +4,7 @@ An op of class c with FLOPs F and bytes B on sequences of KV length L takes
     max(F (1 + s0/L) / (peak x e) + a,  (B + n_seq x s0 x kv_bytes) / (bandwidth x m) + b)
 e, m: sustained fractions of peak; a, b: fixed costs (launch, tail); s0: per-sequence attention
 overhead in virtual keys (a sequence of length L runs at efficiency L / (L + s0)); s0 = 0 outside
-attention. Collectives follow alpha-beta: steps x alpha + traffic / (link bandwidth x eta).
+attention. Collectives follow alpha-beta: base + steps x alpha + traffic / (link bandwidth x eta).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class LinkParams:
     alpha_s: float
     bw_efficiency: float
     fitted: bool = False
+    base_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,6 @@ def profile_for(gpu: GPU, alpha_default: float) -> Profile:
             ops[c] = OpParams(gpu.compute_efficiency, gpu.memory_efficiency, floor, floor)
     for c in LINK_CLASSES:
         f = fitted.get(c)
-        links[c] = (LinkParams(f["alpha_us"] * 1e-6, f["bw_efficiency"], True) if f
+        links[c] = (LinkParams(f["alpha_us"] * 1e-6, f["bw_efficiency"], True, f.get("base_us", 0.0) * 1e-6) if f
                     else LinkParams(alpha_default, 1.0))
     return Profile(gpu.name, ops, links)

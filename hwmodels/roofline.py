@@ -26,7 +26,7 @@ class RooflineModel:
         self.model, self.gpu, self.tp, self.pp = model, gpu, tp, pp
         self.overhead_s = overhead_s
         self.wb = dtype_bytes(dtype)
-        self.ab = 2  # activations stay 16-bit in every supported profile
+        self.ab = 2  # activations stay 16-bit in every supported profile (fp8 GEMM inputs are priced by its fit)
         m = model
         h, d = m.hidden_size, m.head_dim
         self.profile = profile_for(gpu, engine_constants()["collective_latency_s"])

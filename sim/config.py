@@ -55,7 +55,8 @@ class ReplicaGroup(Strict):
     model: str
     tensor_parallel_size: PositiveInt = 1
     pipeline_parallel_size: PositiveInt = 1
-    dtype: Literal["bf16", "fp16", "fp8"] = "bf16"
+    dtype: Literal["bf16", "fp16", "fp8", "int8", "int4"] = Field(
+        "bf16", description="weights: fp8 is W8A8; int8 and int4 are weight-only (16-bit activations and KV)")
     kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp8"] = "auto"
     engine: EngineConfig = EngineConfig()
     perf_model: PerfModel = RooflinePerf()

@@ -12,7 +12,7 @@ import simpy
 
 from servesim.hwmodels.catalog import get_gpu, get_model
 from servesim.hwmodels.linear import LinearModel
-from servesim.hwmodels.memory import plan_memory
+from servesim.hwmodels.memory import engine_constants, plan_memory
 from servesim.hwmodels.roofline import RooflineModel
 from servesim.policies import registry
 from servesim.traces.workload import Workload, build_workload
@@ -92,7 +92,8 @@ def build(cfg: Config, base_dir: Path | None, env, metrics):
         if max_len > model.max_position_embeddings:
             raise ConfigError(f"{loc}.engine.max_model_len: {max_len} exceeds the model's "
                               f"max_position_embeddings {model.max_position_embeddings}")
-        kv_dtype = g.dtype if g.kv_cache_dtype == "auto" else g.kv_cache_dtype
+        kv_dtype = g.kv_cache_dtype if g.kv_cache_dtype != "auto" else (
+            "bf16" if g.dtype in engine_constants()["weight_only_dtypes"] else g.dtype)
         plan = _where(loc, plan_memory, model, gpu, tp=tp, pp=pp, dtype=g.dtype, kv_dtype=kv_dtype,
                       block_size=e.block_size, gpu_memory_utilization=e.gpu_memory_utilization,
                       max_num_batched_tokens=e.max_num_batched_tokens, max_num_seqs=e.max_num_seqs,

@@ -103,3 +103,18 @@ def test_static_batch_time_is_the_sum_of_its_steps():
              rm.step_time(BatchShape([], [], [100] * 4, 4)).seconds,
              rm.step_time(BatchShape([], [], [101] * 4, 4)).seconds]
     assert first == steps[0] and total == pytest.approx(sum(steps), rel=1e-15)
+
+
+def test_calibrate_says_what_is_not_built_yet():
+    r = subprocess.run([sys.executable, "-m", "servesim.sim.cli", "calibrate"], capture_output=True, text=True)
+    assert r.returncode == 2 and "only --from-reference is available yet" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_committed_profile_records_its_fit():
+    import yaml
+    from servesim.hwmodels.profile import PROFILES
+    doc = yaml.safe_load((PROFILES / "reference.yaml").read_text())
+    assert "kernel_points.csv" in doc["source"] and "least_squares" in doc["method"]
+    h100 = doc["gpus"]["H100-SXM"]
+    for cls in ("gemm", "gemm_fp8", "attn_prefill", "attn_decode", "all_reduce", "all_reduce_custom"):
+        assert h100[cls]["rows"] >= 6 and "loo_median_ape_pct" in h100[cls]

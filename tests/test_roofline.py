@@ -96,3 +96,39 @@ def test_model_that_does_not_fit_names_the_numbers():
     with pytest.raises(CapacityError, match=r"does not fit on 1 x H100-SXM .*weights 755\.\d+ GiB"):
         plan_memory(get_model("llama3.1-405b"), H100)
     assert plan_memory(get_model("llama3.1-405b"), get_gpu("H200"), tp=8).num_blocks > 0
+
+
+@pytest.mark.parametrize("alpha,k", [(0.0, 4), (0.6, 1), (0.8, 4), (0.95, 7), (1.0, 3)])
+def test_speculative_expected_tokens_matches_monte_carlo(alpha, k):
+    import numpy as np
+    from servesim.hwmodels.speculative import expected_tokens
+    rng = np.random.default_rng(0)
+    n = 200_000
+    accepted = rng.random((n, k)) < alpha
+    # tokens per step = accepted prefix of the draft + the target's own token
+    run = np.where(accepted.all(axis=1), k, np.argmin(accepted, axis=1))
+    mc = (run + 1).mean()
+    se = (run + 1).std() / np.sqrt(n)
+    assert abs(expected_tokens(alpha, k) - mc) <= max(4 * se, 1e-12)
+
+
+def test_speculation_pays_off_only_when_acceptance_is_high():
+    from servesim.hwmodels.speculative import speedup
+    target = RooflineModel(get_model("meta-llama/Llama-3.1-70B"), H100, tp=4)
+    draft = RooflineModel(L8B, H100)
+    ctx = [1000] * 4
+    assert speedup(target, draft, ctx, 4, 0.9) > 1.5
+    assert speedup(target, draft, ctx, 4, 0.1) < 1.0
+
+
+def test_weight_only_int4_saves_weight_bytes_not_flops():
+    bf16 = RooflineModel(L8B, H100, dtype="bf16")
+    int4 = RooflineModel(L8B, H100, dtype="int4", kv_dtype="bf16")
+    dec = BatchShape(decode_cached=[512], num_sampled=1)
+    assert int4.breakdown(dec)["mlp_up"][2] < 0.3 * bf16.breakdown(dec)["mlp_up"][2]      # bytes: 0.52 vs 2 per weight
+    assert int4.step_time(dec).seconds < 0.5 * bf16.step_time(dec).seconds
+    pre = BatchShape(prefill_new=[8192], prefill_cached=[0], num_sampled=1)
+    assert int4.breakdown(pre)["mlp_up"][1] == bf16.breakdown(pre)["mlp_up"][1]          # same FLOPs
+    assert int4.breakdown(pre)["mlp_up"][0] == pytest.approx(bf16.breakdown(pre)["mlp_up"][0], rel=0.05)
+    p4 = plan_memory(L8B, H100, dtype="int4", kv_dtype="bf16")
+    assert p4.weight_bytes == pytest.approx(L8B.params * 0.515625, rel=1e-12)
