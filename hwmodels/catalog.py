@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -80,9 +81,41 @@ def _resolve(table: dict, key: str, what: str) -> str:
     raise ConfigError(f"unknown {what} {key!r}{hint} (known: {', '.join(sorted(table))})")
 
 
+def profile_dirs() -> list[Path]:
+    """Where device profiles live: the package's own, then the user's (`servesim calibrate` writes there)."""
+    user = Path(os.environ.get("SERVESIM_PROFILES", Path.home() / ".servesim" / "profiles"))
+    return [DATA / "profiles", user]
+
+
+def profile_documents() -> list[dict]:
+    return _profile_documents(tuple(profile_dirs()))
+
+
 @lru_cache(maxsize=None)
+def _profile_documents(dirs: tuple) -> list[dict]:
+    docs = []
+    for d in dirs:
+        for p in sorted(d.glob("*.yaml")) if d.is_dir() else []:
+            try:
+                with open(p) as f:
+                    doc = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{p}: not a valid profile: {e}") from None
+            docs.append(doc)
+    return docs
+
+
 def gpu_table() -> dict:
-    return _load("gpus.yaml")
+    """The GPU catalog plus devices defined by profiles (measured by `servesim calibrate`)."""
+    table = dict(_load_cached("gpus.yaml"))
+    for doc in profile_documents():
+        table.update(doc.get("devices") or {})
+    return table
+
+
+@lru_cache(maxsize=None)
+def _load_cached(name: str) -> dict:
+    return _load(name)
 
 
 @lru_cache(maxsize=None)
@@ -90,8 +123,12 @@ def model_table() -> dict:
     return _load("models.yaml")
 
 
-@lru_cache(maxsize=None)
 def get_gpu(key: str) -> GPU:
+    return _get_gpu(key, tuple(profile_dirs()))
+
+
+@lru_cache(maxsize=None)
+def _get_gpu(key: str, dirs: tuple) -> GPU:
     name = _resolve(gpu_table(), key, "gpu")
     e = gpu_table()[name]
     for req in ("memory_gb", "mem_bw_tbps", "bf16_tflops"):

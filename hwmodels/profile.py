@@ -9,11 +9,7 @@ attention. Collectives follow alpha-beta: base + steps x alpha + traffic / (link
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-
-import yaml
-
-from .catalog import DATA, GPU
+from .catalog import DATA, GPU, profile_documents
 
 OP_CLASSES = ("gemm", "gemm_fp8", "attn_prefill", "attn_decode", "norm", "add", "rope", "act")
 LINK_CLASSES = ("all_reduce", "all_reduce_custom", "all_gather", "send_recv")
@@ -55,13 +51,10 @@ class Profile:
         return self.links[cls]
 
 
-@lru_cache(maxsize=None)
 def _fitted() -> dict:
     out: dict = {}
-    for p in sorted(PROFILES.glob("*.yaml")) if PROFILES.is_dir() else []:
-        with open(p) as f:
-            data = yaml.safe_load(f) or {}
-        for gpu, entry in data.get("gpus", {}).items():
+    for doc in profile_documents():
+        for gpu, entry in (doc.get("gpus") or {}).items():
             out.setdefault(gpu, {}).update(entry)
     return out
 

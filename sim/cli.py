@@ -189,23 +189,35 @@ def accuracy(out: Path = typer.Option(Path("runs/accuracy"), "-o", "--out", help
 
 @app.command()
 @friendly
-def calibrate(from_reference: bool = typer.Option(False, "--from-reference",
-                                                  help="fit GPU profiles to hwmodels/data/reference/kernel_points.csv"),
+def calibrate(backend: Optional[str] = typer.Option(None, help="numpy or torch: microbenchmark this machine"),
+              device: str = typer.Option("cpu", help="cpu, or cuda with the torch backend"),
+              name: Optional[str] = typer.Option(None, help="device name for configs (default local-<device>-<backend>)"),
+              from_reference: bool = typer.Option(False, "--from-reference",
+                                                  help="refit the package profile to hwmodels/data/reference/kernel_points.csv"),
               out: Optional[Path] = typer.Option(None, "-o", "--out", help="profile YAML to write"),
-              loo: bool = typer.Option(True, "--loo/--no-loo", help="also compute leave-one-out errors (slower)")):
-    """Fit step-time profile parameters to measured kernels and write a profile that run/estimate use."""
-    from servesim.hwmodels.fit import fit_reference, write_profile
-    from servesim.hwmodels.profile import PROFILES
-
-    if not from_reference:
-        raise ServesimError("only --from-reference is available yet: microbenchmarking the local machine "
-                            "(--backend numpy|torch) is not built")
-    doc = fit_reference(loo=loo)
-    path = write_profile(doc, out or PROFILES / "reference.yaml")
-    for gpu, classes in doc["gpus"].items():
-        print(f"{gpu}: " + ", ".join(f"{c} {v['median_ape_pct']:.1f}%" for c, v in classes.items()))
-    print(f"wrote {path}")
-
+              repeats: int = typer.Option(5, help="timed repetitions per point (median kept)"),
+              loo: bool = typer.Option(True, "--loo/--no-loo", help="--from-reference: leave-one-out errors too")):
+    """Fit step-time profile parameters (to this machine, or to the reference kernels) and write a profile
+    that `run` and `estimate` accept like any catalog GPU."""
+    if from_reference == (backend is not None):
+        raise ServesimError("choose one: --backend numpy|torch (measure this machine) or --from-reference")
+    if from_reference:
+        from servesim.hwmodels.fit import fit_reference, write_profile
+        from servesim.hwmodels.profile import PROFILES
+        doc = fit_reference(loo=loo)
+        path = write_profile(doc, out or PROFILES / "reference.yaml")
+        for gpu, classes in doc["gpus"].items():
+            print(f"{gpu}: " + ", ".join(f"{c} {v['median_ape_pct']:.1f}%" for c, v in classes.items()))
+        print(f"wrote {path}")
+        return
+    from servesim.hwmodels.calibrate import calibrate as run_calibration
+    path, doc = run_calibration(backend, device, name, out, repeats=repeats)
+    (dev_name, dev), = doc["devices"].items()
+    print(f"{dev_name}: peak {dev['bf16_tflops'] * 1e3:.1f} GFLOP/s, bandwidth {dev['mem_bw_tbps'] * 1e3:.1f} GB/s")
+    for c, v in doc["gpus"][dev_name].items():
+        if "rows" in v:
+            print(f"  {c}: median error {v['median_ape_pct']:.1f}% over {v['rows']} points")
+    print(f"wrote {path}; use it as gpu: {dev_name}")
 
 def main():
     app()

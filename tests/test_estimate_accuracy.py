@@ -105,9 +105,9 @@ def test_static_batch_time_is_the_sum_of_its_steps():
     assert first == steps[0] and total == pytest.approx(sum(steps), rel=1e-15)
 
 
-def test_calibrate_says_what_is_not_built_yet():
+def test_calibrate_needs_exactly_one_source():
     r = subprocess.run([sys.executable, "-m", "servesim.sim.cli", "calibrate"], capture_output=True, text=True)
-    assert r.returncode == 2 and "only --from-reference is available yet" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "choose one: --backend numpy|torch" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_committed_profile_records_its_fit():

@@ -1,0 +1,48 @@
+"""`servesim calibrate --backend numpy`: a measured device profile that run and estimate accept."""
+import math
+
+import pytest
+import yaml
+
+from servesim.hwmodels import estimate
+from servesim.hwmodels.calibrate import calibrate
+from servesim.hwmodels.catalog import get_gpu
+from servesim.sim.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    d = tmp_path_factory.mktemp("profiles")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SERVESIM_PROFILES", str(d))
+    path, doc = calibrate("numpy", "cpu", "test-cpu", None, repeats=1, warmup=1)
+    yield path, doc
+    mp.undo()
+
+
+def test_profile_records_device_fits_and_raw_measurements(profile):
+    path, doc = profile
+    on_disk = yaml.safe_load(path.read_text())
+    dev = on_disk["devices"]["test-cpu"]
+    assert dev["bf16_tflops"] > 0 and dev["mem_bw_tbps"] > 0
+    assert {"python", "numpy", "cpus"} <= set(on_disk["versions"]) and on_disk["created"]
+    raw = on_disk["measurements"]
+    gemms = [r for r in raw if r["cls"] == "gemm"]
+    # the device peak is the best GEMM throughput measured, so no GEMM ran faster than it
+    assert max(r["flops"] / r["seconds"] for r in gemms) == pytest.approx(dev["bf16_tflops"] * 1e12)
+    for cls in ("gemm", "attn_prefill", "attn_decode", "add"):
+        assert on_disk["gpus"]["test-cpu"][cls]["rows"] >= 4
+
+
+def test_measured_device_works_like_a_catalog_gpu(profile):
+    gpu = get_gpu("test-cpu")
+    assert gpu.source.startswith("measured by servesim calibrate")
+    r = estimate(gpu="test-cpu", model="meta-llama/Llama-3.1-8B", decode=[100] * 4)
+    assert r["seconds"] > 0 and math.isfinite(r["seconds"])
+    # batch-1 decode cannot beat reading the weights at the measured bandwidth
+    assert r["seconds"] > 8.03e9 * 2 / gpu.mem_bw
+
+
+def test_cuda_without_torch_or_gpu_is_a_clear_error():
+    with pytest.raises(ConfigError):
+        calibrate("numpy", "cuda", None, None, repeats=1)
