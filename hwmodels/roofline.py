@@ -114,13 +114,87 @@ class RooflineModel:
         return ops
 
     def step_time(self, batch: BatchShape) -> StepTime:
-        """The sum of breakdown(), computed without building it (a test holds the two equal):
-        this runs once per simulated iteration."""
-        ops = self.breakdown(batch)
+        """The sum of breakdown(), computed without building it (a test holds the two equal): this runs
+        once per simulated iteration, so decode attention uses its closed form over sum(context)."""
+        nd = len(batch.decode_cached)
+        T = sum(batch.prefill_new) + nd
+        if T == 0:
+            return StepTime(self.overhead_s, 0.0, 0.0)
+        m, L, ab = self.model, self.layers, self.ab
+        h = m.hidden_size
+        peak, peak16, bw = self.peak, self.peak16, self.bw
+        t = f_all = b_all = 0.0
+
+        def mem(p, nbytes, times):
+            nonlocal t, b_all
+            t += times * max(p.compute_offset_s, nbytes / (bw * p.memory_efficiency) + p.memory_offset_s)
+            b_all += times * nbytes
+
+        def gemm_op(rows, n_out, n_in, times, out_bytes=2):
+            nonlocal t, f_all, b_all
+            p = self.p_gemm
+            f = 2.0 * rows * n_out * n_in
+            b = n_in * n_out * self.wb + rows * n_in * ab + rows * n_out * out_bytes
+            t += times * max(f / (peak * p.compute_efficiency) + p.compute_offset_s,
+                             b / (bw * p.memory_efficiency) + p.memory_offset_s)
+            f_all += times * f
+            b_all += times * b
+
+        mem(self.p_add, 2 * T * h * ab, 1)                        # embed
+        mem(self.p_norm, 2 * T * h * ab, 2 * L)
+        for _, n_out, n_in in self.gemms:
+            gemm_op(T, n_out, n_in, L)
+        mem(self.p_rope, T * self.rope_width * ab, L)
+        hd, kv_tok, qo = self.hd, self.kv_tok, 2 * self.hd * ab
+        if batch.prefill_new:
+            p = self.p_pre
+            s0 = p.seq_overhead
+            fs = bs = fe = 0.0
+            for n, c in zip(batch.prefill_new, batch.prefill_cached):
+                f = 4.0 * hd * n * (c + (n + 1) / 2)
+                fs += f
+                bs += (c + n) * kv_tok + n * qo
+                fe += f * (1 + s0 / (c + n))
+            be = bs + len(batch.prefill_new) * s0 * kv_tok
+            t += L * max(fe / (peak16 * p.compute_efficiency) + p.compute_offset_s,
+                         be / (bw * p.memory_efficiency) + p.memory_offset_s)
+            f_all += L * fs
+            b_all += L * bs
+        if nd:
+            p = self.p_dec
+            s0 = p.seq_overhead
+            ctx = sum(batch.decode_cached) + nd                       # sum of KV lengths L_i
+            fs = 4.0 * hd * ctx
+            bs = ctx * kv_tok + nd * qo
+            fe = 4.0 * hd * (ctx + nd * s0)
+            be = bs + nd * s0 * kv_tok
+            t += L * max(fe / (peak16 * p.compute_efficiency) + p.compute_offset_s,
+                         be / (bw * p.memory_efficiency) + p.memory_offset_s)
+            f_all += L * fs
+            b_all += L * bs
+        mem(self.p_add, 3 * T * h * ab, 2 * L)
+        if m.is_moe:
+            E, k = m.num_experts, m.experts_per_token
+            gemm_op(T, E, h, L)                                       # router
+            w_expert = 3 * h * m.intermediate_size / self.tp
+            touched = E * (1 - (1 - k / E) ** T) + m.shared_experts
+            f = 2 * T * (k + m.shared_experts) * w_expert
+            b = touched * w_expert * self.wb + T * (k + m.shared_experts) * (h + 3 * self.i_tp) * ab
+            pg = self.p_gemm
+            t += L * max(f / (peak * pg.compute_efficiency) + pg.compute_offset_s,
+                         b / (bw * pg.memory_efficiency) + pg.memory_offset_s)
+            f_all += L * f
+            b_all += L * b
+        mem(self.p_act, T * self.act_width * ab, L)
+        if self.tp > 1:
+            t += 2 * L * all_reduce_time(self.profile, T * h * ab, self.tp, self.link_bw)
+        if self.pp > 1:
+            lp = self.profile.link("send_recv")
+            t += (self.pp - 1) * send_recv_time(T * h * ab, self.link_bw, lp.alpha_s, lp.bw_efficiency)
+        S = batch.num_sampled
+        if S:
+            mem(self.p_norm, 2 * S * h * ab, 1)
+            gemm_op(S, m.vocab_size / self.tp, h, 1, out_bytes=4)
+            mem(self.p_add, 2 * S * m.vocab_size * 4, 1)
         g = self.tp  # ops are per GPU; the replica's FLOPs and bytes are tp x those (MFU over all GPUs)
-        t = f = b = 0.0
-        for o in ops.values():
-            t += o[0]
-            f += o[1]
-            b += o[2]
-        return StepTime(t, g * f, g * b)
+        return StepTime(t + self.overhead_s, g * f_all, g * b_all)
