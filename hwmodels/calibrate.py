@@ -72,10 +72,10 @@ class _Backend:
         v = {"python": platform.python_version(), "numpy": np.__version__, "machine": platform.machine(),
              "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
         if self.name == "torch":
-            v["torch"] = self.torch.__version__
+            v["torch"] = str(self.torch.__version__)
             if self.device == "cuda":
-                v["gpu"] = self.torch.cuda.get_device_name()
-                v["cuda"] = self.torch.version.cuda
+                v["gpu"] = str(self.torch.cuda.get_device_name())
+                v["cuda"] = str(self.torch.version.cuda)
         return v
 
 
