@@ -5,6 +5,9 @@ kernels (accuracy.py, fit.py), so one formula serves all of them.
 """
 from __future__ import annotations
 
+import math
+from functools import lru_cache
+
 # vLLM's custom all-reduce serves messages up to 8 MiB inside a node (CustomAllreduce max_size
 # default, vllm/distributed/device_communicators/custom_all_reduce.py); larger ones go to NCCL.
 CUSTOM_ALL_REDUCE_MAX_BYTES = 8 * 1024 * 1024
@@ -62,3 +65,30 @@ def all_reduce_time(profile, nbytes: float, n: int, link_bw: float) -> float:
     custom = profile.link("all_reduce_custom")
     lp = custom if (custom.fitted and nbytes <= CUSTOM_ALL_REDUCE_MAX_BYTES) else profile.link("all_reduce")
     return ring_all_reduce_time(nbytes, n, link_bw, lp.alpha_s, lp.bw_efficiency, lp.base_s)
+
+
+def moe_imbalance(assignments: float, ranks: int) -> float:
+    """Expected busiest-rank load over the mean when `assignments` token-to-expert choices land uniformly
+    on `ranks` expert-parallel ranks. Each rank's load is multinomial, approximated as normal with
+    mean N/n and sd sqrt(N (1/n)(1 - 1/n)); the busiest of n is mean + sd x E[max of n standard normals].
+    1 for one rank."""
+    if ranks <= 1 or assignments <= 0:
+        return 1.0
+    mean = assignments / ranks
+    sd = math.sqrt(assignments * (1 / ranks) * (1 - 1 / ranks))
+    return 1.0 + sd * expected_max_normal(ranks) / mean
+
+
+@lru_cache(maxsize=None)
+def expected_max_normal(n: int) -> float:
+    """E[max of n i.i.d. standard normals] = integral of x n phi(x) Phi(x)^(n-1) dx."""
+    from scipy import integrate, stats
+    val, _ = integrate.quad(lambda x: x * n * stats.norm.pdf(x) * stats.norm.cdf(x) ** (n - 1), -12, 12)
+    return val
+
+
+def all_to_all_time(nbytes_per_gpu: float, n: int, link_bw: float, alpha: float, eta: float = 1.0,
+                    base: float = 0.0) -> float:
+    """All-to-all where each GPU holds nbytes_per_gpu and keeps 1/n of it: (n-1) peers, (n-1)/n of the
+    data leaves each GPU. Priced with the all-gather fit, which has the same traffic pattern."""
+    return base + (n - 1) * alpha + (n - 1) / n * nbytes_per_gpu / (link_bw * eta)

@@ -3,7 +3,10 @@
 Each op belongs to a class (gemm, attention prefill/decode, norm, add, rope, act) whose cost
 parameters come from hwmodels/data/profiles/ (fitted to measured kernels) or, for a GPU without
 measurements, from the catalog's efficiencies and kernel floor (hwmodels/profile.py). TP adds two
-all-reduces per layer (vLLM's custom all-reduce for small messages, NCCL ring otherwise). Pipeline
+all-reduces per layer (vLLM's custom all-reduce for small messages, NCCL ring otherwise). MoE layers
+either shard every expert over the TP ranks, or, with expert parallelism (vLLM's enable_expert_parallel),
+place whole experts on ranks: tokens travel by two all-to-alls, the MLP all-reduce goes away, and the
+step waits for the busiest rank (moe_imbalance). Pipeline
 stages run one after another for a batch (no micro-batch overlap yet).
 """
 from __future__ import annotations
@@ -12,18 +15,19 @@ import math
 
 from .catalog import GPU, ModelSpec
 from .memory import dtype_bytes, engine_constants, kv_bytes_per_token
-from .ops import CUSTOM_ALL_REDUCE_MAX_BYTES, all_reduce_time, attention_time, gemm, send_recv_time
+from .ops import all_reduce_time, all_to_all_time, attention_time, gemm, moe_imbalance, send_recv_time
 from .profile import profile_for
 from .step_time import BatchShape, StepTime
 
 LAYER_OPS = ("norm", "qkv_proj", "rope", "attn_prefill", "attn_decode", "o_proj", "add", "mlp_up", "mlp_act",
-             "mlp_down", "moe_router", "moe_experts", "all_reduce")
+             "mlp_down", "moe_router", "moe_experts", "all_to_all", "all_reduce")
 
 
 class RooflineModel:
     def __init__(self, model: ModelSpec, gpu: GPU, *, tp: int = 1, pp: int = 1, dtype: str = "bf16",
-                 kv_dtype: str = "bf16", overhead_s: float = 0.0):
+                 kv_dtype: str = "bf16", overhead_s: float = 0.0, ep: bool = False):
         self.model, self.gpu, self.tp, self.pp = model, gpu, tp, pp
+        self.ep = ep and model.is_moe and tp > 1
         self.overhead_s = overhead_s
         self.wb = dtype_bytes(dtype)
         self.ab = 2  # activations stay 16-bit in every supported profile (fp8 GEMM inputs are priced by its fit)
@@ -61,6 +65,31 @@ class RooflineModel:
     def _mem(self, p, nbytes):
         return p.time(0.0, nbytes, self.peak16, self.bw), 0.0, nbytes
 
+    def _moe_ops(self, T: int) -> dict[str, tuple[float, float, float]]:
+        """One MoE layer for T tokens: router, experts and (with EP) the dispatch/combine all-to-alls."""
+        m, ab, tp = self.model, self.ab, self.tp
+        h, E, k, sh = m.hidden_size, m.num_experts, m.experts_per_token, m.shared_experts
+        ops = {"moe_router": self._gemm(T, E, h)}
+        w_full = 3 * h * m.intermediate_size                       # one expert, all of it
+        touched = E * (1 - (1 - k / E) ** T)                       # expected distinct routed experts hit
+        if self.ep:
+            mean = T * k / tp
+            load = mean * moe_imbalance(T * k, tp)                 # routed tokens on the busiest rank
+            shared = 2 * T * sh * w_full / tp                        # shared experts stay TP-sharded
+            b = (touched / tp * w_full + sh * w_full / tp) * self.wb + (load + T * sh) * (h + 3 * m.intermediate_size) * ab
+            lp = self.profile.link("all_gather")
+            a2a = all_to_all_time(T / tp * k * h * ab, tp, self.link_bw, lp.alpha_s, lp.bw_efficiency, lp.base_s)
+            # the step waits for the busiest rank; useful FLOPs (for MFU) are the mean rank's
+            ops["moe_experts"] = (self.p_gemm.time(2 * load * w_full + shared, b, self.peak, self.bw),
+                                  2 * mean * w_full + shared, b)
+            ops["all_to_all"] = (2 * a2a, 0.0, 0.0)
+        else:
+            w = w_full / tp
+            f = 2 * T * (k + sh) * w
+            b = (touched + sh) * w * self.wb + T * (k + sh) * (h + 3 * self.i_tp) * ab
+            ops["moe_experts"] = (self.p_gemm.time(f, b, self.peak, self.bw), f, b)
+        return ops
+
     def breakdown(self, batch: BatchShape) -> dict[str, tuple[float, float, float]]:
         """Per-op (seconds, useful FLOPs, bytes) for the whole step, all layers and stages included."""
         m, L, ab = self.model, self.layers, self.ab
@@ -87,19 +116,15 @@ class RooflineModel:
         put(name, *self._gemm(T, n_out, n_in))
         put("add", *self._mem(self.p_add, 3 * T * h * ab), times=2 * L)
         if m.is_moe:
-            E, k = m.num_experts, m.experts_per_token
-            put("moe_router", *self._gemm(T, E, h))
-            w_expert = 3 * h * m.intermediate_size / self.tp
-            touched = E * (1 - (1 - k / E) ** T) + m.shared_experts   # expected distinct experts hit
-            f = 2 * T * (k + m.shared_experts) * w_expert
-            b = touched * w_expert * self.wb + T * (k + m.shared_experts) * (h + 3 * self.i_tp) * ab
-            put("moe_experts", self.p_gemm.time(f, b, self.peak, self.bw), f, b)
+            for name, op in self._moe_ops(T).items():
+                put(name, *op)
         else:
             for name, n_out, n_in in self.gemms[2:]:
                 put(name, *self._gemm(T, n_out, n_in))
         put("mlp_act", *self._mem(self.p_act, T * self.act_width * ab))
         if self.tp > 1:
-            put("all_reduce", all_reduce_time(self.profile, T * h * ab, self.tp, self.link_bw), 0.0, 0.0, times=2 * L)
+            n_ar = 1 if self.ep else 2   # with EP the MoE output is combined by its all-to-all
+            put("all_reduce", all_reduce_time(self.profile, T * h * ab, self.tp, self.link_bw), 0.0, 0.0, times=n_ar * L)
         if self.pp > 1:
             lp = self.profile.link("send_recv")
             ops["send_recv"] = ((self.pp - 1) * send_recv_time(T * h * ab, self.link_bw, lp.alpha_s, lp.bw_efficiency),
@@ -174,20 +199,13 @@ class RooflineModel:
             b_all += L * bs
         mem(self.p_add, 3 * T * h * ab, 2 * L)
         if m.is_moe:
-            E, k = m.num_experts, m.experts_per_token
-            gemm_op(T, E, h, L)                                       # router
-            w_expert = 3 * h * m.intermediate_size / self.tp
-            touched = E * (1 - (1 - k / E) ** T) + m.shared_experts
-            f = 2 * T * (k + m.shared_experts) * w_expert
-            b = touched * w_expert * self.wb + T * (k + m.shared_experts) * (h + 3 * self.i_tp) * ab
-            pg = self.p_gemm
-            t += L * max(f / (peak * pg.compute_efficiency) + pg.compute_offset_s,
-                         b / (bw * pg.memory_efficiency) + pg.memory_offset_s)
-            f_all += L * f
-            b_all += L * b
+            for ot, of, ob in self._moe_ops(T).values():
+                t += L * ot
+                f_all += L * of
+                b_all += L * ob
         mem(self.p_act, T * self.act_width * ab, L)
         if self.tp > 1:
-            t += 2 * L * all_reduce_time(self.profile, T * h * ab, self.tp, self.link_bw)
+            t += (1 if self.ep else 2) * L * all_reduce_time(self.profile, T * h * ab, self.tp, self.link_bw)
         if self.pp > 1:
             lp = self.profile.link("send_recv")
             t += (self.pp - 1) * send_recv_time(T * h * ab, self.link_bw, lp.alpha_s, lp.bw_efficiency)

@@ -135,6 +135,7 @@ def _parse_decode(items: list[str]) -> list[int]:
 def estimate(gpu: str = typer.Option(..., help="catalog GPU (servesim gpus)"),
              model: str = typer.Option(..., help="model id or alias (servesim models)"),
              tp: int = typer.Option(1, help="tensor parallel size"), pp: int = typer.Option(1, help="pipeline stages"),
+             ep: bool = typer.Option(False, "--ep", help="expert parallelism over the TP ranks (MoE)"),
              dtype: str = typer.Option("bf16", help="bf16, fp16 or fp8"),
              prefill: List[str] = typer.Option([], help="CHUNK[:CACHED], repeatable"),
              decode: List[str] = typer.Option([], help="[NUMx]CONTEXT, repeatable"),
@@ -145,7 +146,7 @@ def estimate(gpu: str = typer.Option(..., help="catalog GPU (servesim gpus)"),
     pf, dc = _parse_prefill(prefill), _parse_decode(decode)
     if not pf and not dc:
         raise ServesimError("give at least one --prefill or --decode")
-    r = est(gpu=gpu, model=model, tp=tp, pp=pp, dtype=dtype, prefill=pf, decode=dc)
+    r = est(gpu=gpu, model=model, tp=tp, pp=pp, dtype=dtype, prefill=pf, decode=dc, ep=ep)
     if as_json:
         print(json.dumps(r, indent=2))
         return

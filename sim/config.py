@@ -55,6 +55,7 @@ class ReplicaGroup(Strict):
     model: str
     tensor_parallel_size: PositiveInt = 1
     pipeline_parallel_size: PositiveInt = 1
+    enable_expert_parallel: bool = Field(False, description="MoE: whole experts per TP rank, all-to-all dispatch (vLLM)")
     dtype: Literal["bf16", "fp16", "fp8", "int8", "int4"] = Field(
         "bf16", description="weights: fp8 is W8A8; int8 and int4 are weight-only (16-bit activations and KV)")
     kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp8"] = "auto"

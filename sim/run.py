@@ -88,6 +88,9 @@ def build(cfg: Config, base_dir: Path | None, env, metrics):
                               f"attention heads of {model.name}")
         if pp > model.num_layers:
             raise ConfigError(f"{loc}.pipeline_parallel_size: {pp} exceeds the {model.num_layers} layers of {model.name}")
+        if g.enable_expert_parallel and (not model.is_moe or model.num_experts % tp):
+            raise ConfigError(f"{loc}.enable_expert_parallel: needs a MoE model whose experts divide over the "
+                              f"{tp} TP ranks ({model.name} has {model.num_experts or 'no'} experts)")
         max_len = e.max_model_len or model.max_position_embeddings
         if max_len > model.max_position_embeddings:
             raise ConfigError(f"{loc}.engine.max_model_len: {max_len} exceeds the model's "
@@ -104,7 +107,7 @@ def build(cfg: Config, base_dir: Path | None, env, metrics):
             step_model = LinearModel(pm.base_s, pm.per_prefill_token_s, pm.per_decode_seq_s, pm.per_context_token_s)
         else:
             step_model = RooflineModel(model, gpu, tp=tp, pp=pp, dtype=g.dtype, kv_dtype=kv_dtype,
-                                       overhead_s=e.scheduler_overhead_ms / 1000)
+                                       overhead_s=e.scheduler_overhead_ms / 1000, ep=g.enable_expert_parallel)
         price = _price(cfg, gpu)
         n_gpus = tp * pp
         for _ in range(g.count):

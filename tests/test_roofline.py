@@ -50,9 +50,12 @@ def test_more_tokens_never_faster():
 
 def test_step_time_equals_breakdown_sum():
     rnd = random.Random(0)
-    for name, tp, pp in (("meta-llama/Llama-3.1-8B", 1, 1), ("meta-llama/Llama-3.1-70B", 4, 1),
-                         ("mistralai/Mixtral-8x7B-v0.1", 2, 2)):
-        m = RooflineModel(get_model(name), H100, tp=tp, pp=pp, overhead_s=1e-3)
+    for name, tp, pp, ep, dtype in (("meta-llama/Llama-3.1-8B", 1, 1, False, "bf16"),
+                                    ("meta-llama/Llama-3.1-70B", 4, 1, False, "fp8"),
+                                    ("mistralai/Mixtral-8x7B-v0.1", 2, 2, False, "int4"),
+                                    ("Qwen/Qwen3-30B-A3B", 4, 1, True, "bf16")):
+        m = RooflineModel(get_model(name), H100, tp=tp, pp=pp, overhead_s=1e-3, ep=ep, dtype=dtype,
+                          kv_dtype="fp8" if dtype == "fp8" else "bf16")
         for _ in range(40):
             pn = [rnd.randint(1, 600) for _ in range(rnd.randint(0, 3))]
             b = BatchShape(pn, [rnd.randint(0, 3000) for _ in pn], [rnd.randint(0, 5000) for _ in range(rnd.randint(1, 30))])
@@ -133,3 +136,25 @@ def test_weight_only_int4_saves_weight_bytes_not_flops():
     assert int4.breakdown(pre)["mlp_up"][0] == pytest.approx(bf16.breakdown(pre)["mlp_up"][0], rel=0.05)
     p4 = plan_memory(L8B, H100, dtype="int4", kv_dtype="bf16")
     assert p4.weight_bytes == pytest.approx(L8B.params * 0.515625, rel=1e-12)
+
+
+@pytest.mark.parametrize("assign,ranks", [(64, 4), (512, 8), (4096, 2), (64, 8), (8192, 8)])
+def test_moe_imbalance_matches_monte_carlo(assign, ranks):
+    import numpy as np
+    from servesim.hwmodels.ops import moe_imbalance
+    rng = np.random.default_rng(1)
+    loads = np.stack([np.bincount(rng.integers(0, ranks, assign), minlength=ranks) for _ in range(4000)])
+    mc = loads.max(axis=1).mean() / (assign / ranks)
+    # normal approximation of the multinomial: within 5% from 8 assignments per rank, 1-2% from 64
+    assert moe_imbalance(assign, ranks) == pytest.approx(mc, rel=0.05 if assign / ranks < 64 else 0.02)
+
+
+def test_expert_parallel_replaces_the_mlp_all_reduce_with_all_to_alls():
+    qwen = get_model("Qwen/Qwen3-30B-A3B")
+    b = BatchShape(decode_cached=[500] * 8, num_sampled=8)
+    tp_ops = RooflineModel(qwen, H100, tp=4).breakdown(b)
+    ep_ops = RooflineModel(qwen, H100, tp=4, ep=True).breakdown(b)
+    assert "all_to_all" not in tp_ops and ep_ops["all_to_all"][0] > 0
+    assert ep_ops["all_reduce"][0] == pytest.approx(tp_ops["all_reduce"][0] / 2, rel=1e-12)
+    # at batch 8, 64 of 128 experts are touched at most: EP reads whole experts on a quarter of the ranks
+    assert ep_ops["moe_experts"][2] < tp_ops["moe_experts"][2] * 1.05
