@@ -58,6 +58,11 @@ class ModelSpec:
     mla_kv_lora_rank: int = 0
     mla_qk_rope_head_dim: int = 0
     tie_word_embeddings: bool = False
+    mla_q_lora_rank: int = 0
+    mla_qk_nope_head_dim: int = 0
+    mla_v_head_dim: int = 0
+    first_k_dense_layers: int = 0      # MoE models whose first layers have a dense MLP (DeepSeek)
+    dense_intermediate_size: int = 0
 
     @property
     def is_moe(self) -> bool:
@@ -177,4 +182,9 @@ def get_model(key: str) -> ModelSpec:
         mla_kv_lora_rank=e.get("mla_kv_lora_rank") or 0,
         mla_qk_rope_head_dim=e.get("mla_qk_rope_head_dim") or 0,
         tie_word_embeddings=bool(e.get("tie_word_embeddings", False)),
+        mla_q_lora_rank=e.get("mla_q_lora_rank") or 0,
+        mla_qk_nope_head_dim=e.get("mla_qk_nope_head_dim") or 0,
+        mla_v_head_dim=e.get("mla_v_head_dim") or 0,
+        first_k_dense_layers=e.get("first_k_dense_layers") or 0,
+        dense_intermediate_size=e.get("dense_intermediate_size") or 0,
     )

@@ -44,17 +44,34 @@ class RooflineModel:
         self.layers = math.ceil(m.num_layers / pp) * pp
         self.heads = m.num_attention_heads / tp
         self.kv_tok = kv_bytes_per_token(m, tp, 1, kv_dtype) / m.num_layers  # KV bytes per token per layer
-        self.kvh = self.kv_tok / (2 * d)       # kv heads x kv dtype bytes, per GPU
-        self.hd = self.heads * d
-        self.q_kv = (m.num_attention_heads + 2 * m.num_kv_heads) * d / tp  # qkv output width per GPU
+        H = self.heads
+        n_moe = (self.layers - m.first_k_dense_layers) if m.is_moe else 0
+        self.moe_layers, self.dense_layers = n_moe, self.layers - n_moe
+        # (name, n_out, n_in, layers) of the GEMMs, per GPU; several rows may share a name
+        if m.attention == "mla":
+            # absorbed MLA (as FlashMLA / vLLM decode): fused q_a + kv_a down-projections, q_b up-projection,
+            # W_UK folded into the query, attention over the kv_lora + rope latent, W_UV then o_proj
+            ql, kl, r = m.mla_q_lora_rank, m.mla_kv_lora_rank, m.mla_qk_rope_head_dim
+            nope, v = m.mla_qk_nope_head_dim, m.mla_v_head_dim
+            self.attn_dim = (2 * kl + r) / 2           # QK over kl + r dims, PV over kl: 4 x attn_dim per key
+            self.gemms = [("qkv_proj", ql + kl + r, h, self.layers), ("qkv_proj", H * (nope + r), ql, self.layers),
+                          ("qkv_proj", H * kl, nope, self.layers), ("o_proj", H * v, kl, self.layers),
+                          ("o_proj", h, H * v, self.layers)]
+            self.rope_width = 2 * (H + 1) * r
+        else:
+            self.attn_dim = d
+            q_kv = (m.num_attention_heads + 2 * m.num_kv_heads) * d / tp
+            self.gemms = [("qkv_proj", q_kv, h, self.layers), ("o_proj", h, H * d, self.layers)]
+            self.rope_width = 2 * (m.num_attention_heads + m.num_kv_heads) * d / tp
+        self.hd = H * self.attn_dim
+        self.kvh = self.kv_tok / (2 * self.attn_dim)  # kv heads x kv dtype bytes, per GPU, in attn_dim units
+        dense_i = (m.dense_intermediate_size or m.intermediate_size) / tp
+        if self.dense_layers:
+            self.gemms += [("mlp_up", 2 * dense_i, h, self.dense_layers), ("mlp_down", h, dense_i, self.dense_layers)]
         i_tp = m.intermediate_size / tp
         self.i_tp = i_tp
-        # (name, n_out, n_in) of the dense GEMMs of one layer, per GPU
-        self.gemms = [("qkv_proj", self.q_kv, h), ("o_proj", h, self.hd)]
-        if not m.is_moe:
-            self.gemms += [("mlp_up", 2 * i_tp, h), ("mlp_down", h, i_tp)]
-        self.act_width = 3 * i_tp * max(1, m.experts_per_token)
-        self.rope_width = 2 * (m.num_attention_heads + m.num_kv_heads) * d / tp
+        act_total = self.dense_layers * 3 * dense_i + self.moe_layers * 3 * i_tp * max(1, m.experts_per_token)
+        self.act_width = act_total / self.layers     # per layer on average, so each layer pays one offset
         self.link_bw = gpu.link_bw or 0.0
 
     # --- one op each; used by breakdown() -------------------------------------------------
@@ -104,23 +121,20 @@ class RooflineModel:
 
         ops["embed"] = self._mem(self.p_add, 2 * T * h * ab)
         put("norm", *self._mem(self.p_norm, 2 * T * h * ab), times=2 * L)
-        for name, n_out, n_in in self.gemms[:1]:
-            put(name, *self._gemm(T, n_out, n_in))
+        for name, n_out, n_in, times in self.gemms:
+            t, f, b = self._gemm(T, n_out, n_in)
+            old = ops.get(name, (0.0, 0.0, 0.0))
+            ops[name] = (old[0] + t * times, old[1] + f * times, old[2] + b * times)
         put("rope", *self._mem(self.p_rope, T * self.rope_width * ab))
-        args = (self.heads, self.kvh, m.head_dim, 1, ab, self.peak16, self.bw)
+        args = (self.heads, self.kvh, self.attn_dim, 1, ab, self.peak16, self.bw)
         if batch.prefill_new:
             put("attn_prefill", *attention_time(self.p_pre, list(zip(batch.prefill_new, batch.prefill_cached)), *args))
         if batch.decode_cached:
             put("attn_decode", *attention_time(self.p_dec, [(1, c) for c in batch.decode_cached], *args))
-        name, n_out, n_in = self.gemms[1]
-        put(name, *self._gemm(T, n_out, n_in))
         put("add", *self._mem(self.p_add, 3 * T * h * ab), times=2 * L)
         if m.is_moe:
             for name, op in self._moe_ops(T).items():
-                put(name, *op)
-        else:
-            for name, n_out, n_in in self.gemms[2:]:
-                put(name, *self._gemm(T, n_out, n_in))
+                put(name, *op, times=self.moe_layers)
         put("mlp_act", *self._mem(self.p_act, T * self.act_width * ab))
         if self.tp > 1:
             n_ar = 1 if self.ep else 2   # with EP the MoE output is combined by its all-to-all
@@ -167,8 +181,8 @@ class RooflineModel:
 
         mem(self.p_add, 2 * T * h * ab, 1)                        # embed
         mem(self.p_norm, 2 * T * h * ab, 2 * L)
-        for _, n_out, n_in in self.gemms:
-            gemm_op(T, n_out, n_in, L)
+        for _, n_out, n_in, times in self.gemms:
+            gemm_op(T, n_out, n_in, times)
         mem(self.p_rope, T * self.rope_width * ab, L)
         hd, kv_tok, qo = self.hd, self.kv_tok, 2 * self.hd * ab
         if batch.prefill_new:
@@ -199,10 +213,11 @@ class RooflineModel:
             b_all += L * bs
         mem(self.p_add, 3 * T * h * ab, 2 * L)
         if m.is_moe:
+            Lm = self.moe_layers
             for ot, of, ob in self._moe_ops(T).values():
-                t += L * ot
-                f_all += L * of
-                b_all += L * ob
+                t += Lm * ot
+                f_all += Lm * of
+                b_all += Lm * ob
         mem(self.p_act, T * self.act_width * ab, L)
         if self.tp > 1:
             t += (1 if self.ep else 2) * L * all_reduce_time(self.profile, T * h * ab, self.tp, self.link_bw)

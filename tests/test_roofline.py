@@ -158,3 +158,27 @@ def test_expert_parallel_replaces_the_mlp_all_reduce_with_all_to_alls():
     assert ep_ops["all_reduce"][0] == pytest.approx(tp_ops["all_reduce"][0] / 2, rel=1e-12)
     # at batch 8, 64 of 128 experts are touched at most: EP reads whole experts on a quarter of the ranks
     assert ep_ops["moe_experts"][2] < tp_ops["moe_experts"][2] * 1.05
+
+
+def test_mla_absorbed_attention_closed_form():
+    ds = get_model("deepseek-v3")
+    m = RooflineModel(ds, get_gpu("H200"), tp=8, dtype="fp8", kv_dtype="bf16")
+    ctx = 4000
+    ops = m.breakdown(BatchShape(decode_cached=[ctx], num_sampled=1))
+    heads = 128 / 8
+    # per layer: scores over the 512 + 64 latent dims, values over the 512 latent dims, for ctx + 1 keys
+    assert ops["attn_decode"][1] == pytest.approx(61 * 2 * heads * (ctx + 1) * (512 + 64 + 512), rel=1e-12)
+    # reads the shared latent KV once per layer (576 bf16 values per token) plus the query and output
+    kv = 61 * (ctx + 1) * 576 * 2
+    assert kv < ops["attn_decode"][2] < kv * 1.01
+    assert m.moe_layers == 58 and m.dense_layers == 3
+    assert ops["mlp_up"][1] == pytest.approx(3 * 2 * 1 * 7168 * 2 * 18432 / 8, rel=1e-12)   # dense layers only
+
+
+def test_matmul_flops_are_twice_the_parameters_per_token():
+    # dense model: every weight multiplies once per token (2 FLOPs); embeddings are a lookup, not a GEMM
+    m = RooflineModel(L8B, H100)
+    b = BatchShape(prefill_new=[1], prefill_cached=[0], num_sampled=1)
+    ops = m.breakdown(b)
+    matmul = sum(ops[k][1] for k in ("qkv_proj", "o_proj", "mlp_up", "mlp_down", "lm_head"))
+    assert matmul == pytest.approx(2 * (L8B.params - L8B.vocab_size * L8B.hidden_size), rel=1e-3)
