@@ -52,6 +52,8 @@ def classify(row) -> dict:
         cls = "attn_prefill" if op == "prefill_attention" else "attn_decode"
         return {**base, "cls": cls, "flops": row.batch * f, "nbytes": row.batch * b, "seqs": [seq] * int(row.batch)}
     if op in LINKS:
+        if "pairwise_nvlink" in (row.notes if isinstance(row.notes, str) else ""):
+            return {**base, "why": "pairwise NVLink bridges: not the catalog GPU's NVSwitch topology"}
         per_node, nodes = _note(row.notes, "devices_per_node"), _note(row.notes, "nodes")
         if (nodes or 1) > 1 and (per_node or 1) < row.num_gpus:
             return {**base, "why": "crosses nodes: no inter-node link in the GPU catalog"}
