@@ -124,3 +124,32 @@ def engine_check(path: Path = TRTLLM) -> pd.DataFrame:
     df["why"] = why
     df["ape"] = (df["predicted"] - df["published"]).abs() / df["published"]
     return df
+
+
+def plot_engine(e: pd.DataFrame, out: Path) -> Path:
+    """Predicted vs published end-to-end numbers (log axes), one marker per table."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = e["predicted"].notna()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, (table, unit) in zip(axes, (("throughput", "output tok/s per GPU"), ("first_token_latency", "ms"))):
+        g = e[ok & (e["table"] == table)]
+        for gpu, gg in g.groupby("gpu"):
+            ax.scatter(gg["published"], gg["predicted"], s=18, label=gpu)
+        lo, hi = g[["published", "predicted"]].min().min() * 0.8, g[["published", "predicted"]].max().max() * 1.2
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        for f in (0.85, 1.15):
+            ax.plot([lo, hi], [lo * f, hi * f], "k:", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"published ({unit})")
+        ax.set_ylabel(f"predicted ({unit})")
+        ax.set_title(f"{table}: median error {100 * g['ape'].median():.1f}% ({len(g)} rows)")
+        ax.legend(fontsize=8)
+    fig.suptitle("servesim vs TensorRT-LLM v0.6.1 published tables (dotted: +-15%; never fitted)")
+    fig.tight_layout()
+    p = out / "accuracy_engine.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p

@@ -174,8 +174,9 @@ def accuracy(out: Path = typer.Option(Path("runs/accuracy"), "-o", "--out", help
     skipped = df.loc[~ok, "why"].value_counts()
     print(f"\nrows priced {int(ok.sum())} of {len(df)}; not priced: "
           + "; ".join(f"{n} ({why})" for why, n in skipped.items()))
-    from servesim.hwmodels.accuracy import engine_check
+    from servesim.hwmodels.accuracy import engine_check, plot_engine
     e = engine_check()
+    pe = plot_engine(e, out)
     e.to_csv(out / "accuracy_engine.csv", index=False)
     ok = e["predicted"].notna()
     cols = ["table", "model", "gpu", "precision", "tp", "batch", "input_len", "output_len", "published", "predicted", "ape"]
@@ -185,7 +186,7 @@ def accuracy(out: Path = typer.Option(Path("runs/accuracy"), "-o", "--out", help
     for table, g in e[ok].groupby("table"):
         print(f"{table}: median APE {100 * g['ape'].median():.1f}% over {len(g)} rows")
     print("not compared: " + "; ".join(f"{n} rows ({w})" for w, n in e.loc[~ok, "why"].value_counts().items()))
-    print(f"wrote {out}/accuracy_rows.csv, accuracy_ops.csv, accuracy_engine.csv, {p.name}")
+    print(f"wrote {out}/accuracy_rows.csv, accuracy_ops.csv, accuracy_engine.csv, {p.name}, {pe.name}")
 
 
 @app.command()
