@@ -29,9 +29,7 @@ def evaluate(path: Path = KERNELS) -> pd.DataFrame:
         gpu = get_gpu(r.gpu_name)
         prof = profile_for(gpu, alpha)
         if r.cls in LINKS.values():
-            lp = prof.link(r.cls)
-            pred.append(link_time(r.cls, lp.alpha_s, lp.bw_efficiency, r.nbytes, int(r.num_gpus), gpu.link_bw,
-                                       lp.base_s) * 1e6)
+            pred.append(link_time(r.cls, prof.link(r.cls).protocols, r.nbytes, int(r.num_gpus), gpu.link_bw) * 1e6)
         else:
             pred.append(op_time(prof.op(r.cls), r, _peak(gpu, r.cls), gpu.mem_bw, _kv_tok(r)) * 1e6)
     df["predicted_us"] = pred

@@ -17,8 +17,8 @@ from scipy.optimize import least_squares
 
 from .catalog import DATA, get_gpu
 from .memory import engine_constants
-from .ops import attention, gemm, ring_all_gather_time, ring_all_reduce_time, send_recv_time
-from .profile import PROFILES, OpParams
+from .ops import attention, gemm
+from .profile import PROFILES, LinkParams, OpParams
 
 KERNELS = DATA / "reference" / "kernel_points.csv"
 GPU_NAMES = {"A100-80GB": "A100-80GB-SXM"}   # Vidur names the A100-80GB without its form factor
@@ -114,33 +114,44 @@ def _fit_ops(g: pd.DataFrame, cls: str, gpu) -> OpParams:
 
 
 # --- collectives ----------------------------------------------------------------------------
-def link_time(cls: str, alpha: float, eta: float, nbytes: float, n: int, link_bw: float, base: float = 0.0) -> float:
-    if cls == "all_gather":
-        return ring_all_gather_time(nbytes, n, link_bw, alpha, eta, base)
-    if cls == "send_recv":
-        return send_recv_time(nbytes, link_bw, alpha, eta, base)
-    return ring_all_reduce_time(nbytes, n, link_bw, alpha, eta, base)
+def link_time(cls: str, protocols, nbytes: float, n: int, link_bw: float) -> float:
+    return LinkParams(tuple(protocols)).time("all_gather" if cls == "all_gather" else
+                                             "send_recv" if cls == "send_recv" else "all_reduce", nbytes, n, link_bw)
 
 
-def _fit_link(g: pd.DataFrame, cls: str, gpu) -> tuple[float, float, float]:
-    """(alpha, eta, base); send_recv has one hop, so its alpha and base are one parameter (base = 0)."""
+def _fit_link(g: pd.DataFrame, cls: str, gpu) -> tuple:
+    """Two protocols (alpha, eta, base) each, the faster serving each message (one protocol when there are
+    fewer than 12 rows). send_recv has one hop, so its alpha and base are one parameter (base = 0)."""
     y = g["latency_us"].to_numpy() * 1e-6
     b, n = g["nbytes"].to_numpy(), g["num_gpus"].to_numpy().astype(int)
     one_hop = cls == "send_recv"
 
-    def resid(x):
-        base = 0.0 if one_hop else x[2] * 1e-6
-        return np.log(np.array([link_time(cls, x[0] * 1e-6, x[1], bi, ni, gpu.link_bw, base)
-                                for bi, ni in zip(b, n)]) / y)
+    def protos(x):
+        return [(x[0] * 1e-6, x[1], 0.0 if one_hop else x[2] * 1e-6), (x[3] * 1e-6, x[4], 0.0 if one_hop else x[5] * 1e-6)]
 
-    r = least_squares(resid, [2.0, 0.7, 5.0], bounds=([0, 0.01, 0], [1e4, 1.5, 1e4]))
-    return float(r.x[0]) * 1e-6, float(r.x[1]), 0.0 if one_hop else float(r.x[2]) * 1e-6
+    def resid(x):
+        p = protos(x)
+        return np.log(np.array([link_time(cls, p, bi, ni, gpu.link_bw) for bi, ni in zip(b, n)]) / y)
+
+    # at least two rows per parameter: the second protocol (3 more parameters) needs 12 rows
+    two = len(g) >= 12
+    lo, hi = [0, 0.01, 0, 0, 0.01, 0], [1e3, 1.5, 1e3, 1e3, 1.5, 1e3]
+    best = None
+    for x0 in ([0.5, 0.3, 4, 2, 0.8, 20], [1, 0.2, 3, 5, 0.9, 40], [0.2, 0.4, 5, 1, 0.7, 10]):
+        if two:
+            r = least_squares(resid, x0, bounds=(lo, hi))
+        else:
+            r = least_squares(lambda x: resid(list(x) + list(x)), x0[3:], bounds=(lo[3:], hi[3:]))
+            r.x = np.concatenate([r.x, r.x])
+        if best is None or r.cost < best.cost:
+            best = r
+    p = sorted(protos(best.x), key=lambda q: q[2])
+    return tuple(p if two else p[:1])
 
 
 def _predict(cls, params, g, gpu) -> np.ndarray:
     if cls in LINKS.values():
-        a, e, c = params
-        return np.array([link_time(cls, a, e, r.nbytes, int(r.num_gpus), gpu.link_bw, c) for r in g.itertuples()])
+        return np.array([link_time(cls, params, r.nbytes, int(r.num_gpus), gpu.link_bw) for r in g.itertuples()])
     peak, bw = _peak(gpu, cls), gpu.mem_bw
     return np.array([op_time(params, r, peak, bw, _kv_tok(r)) for r in g.itertuples()])
 
@@ -170,8 +181,8 @@ def fit_reference(path: Path = KERNELS, loo: bool = True) -> dict:
             stats["loo_median_ape_pct"] = round(100 * float(np.median(errs)), 2)
             stats["loo_p90_ape_pct"] = round(100 * float(np.percentile(errs, 90)), 2)
         if cls in LINKS.values():
-            entry = {"alpha_us": round(params[0] * 1e6, 4), "bw_efficiency": round(params[1], 4),
-                     "base_us": round(params[2] * 1e6, 4)}
+            entry = {"protocols": [{"alpha_us": round(float(a) * 1e6, 4), "bw_efficiency": round(float(e), 4),
+                                    "base_us": round(float(c) * 1e6, 4)} for a, e, c in params]}
         else:
             entry = {"compute_efficiency": round(params.compute_efficiency, 4),
                      "memory_efficiency": round(params.memory_efficiency, 4),

@@ -60,11 +60,21 @@ def send_recv_time(nbytes: float, link_bw: float, alpha: float, eta: float = 1.0
     return base + alpha + nbytes / (link_bw * eta)
 
 
+def collective_time(kind: str, nbytes: float, n: int, link_bw: float, alpha: float, eta: float, base: float) -> float:
+    """One protocol's alpha-beta time for a collective kind (all_reduce*, all_gather, send_recv)."""
+    if kind == "all_gather":
+        return ring_all_gather_time(nbytes, n, link_bw, alpha, eta, base)
+    if kind == "send_recv":
+        return send_recv_time(nbytes, link_bw, alpha, eta, base)
+    return ring_all_reduce_time(nbytes, n, link_bw, alpha, eta, base)
+
+
 def all_reduce_time(profile, nbytes: float, n: int, link_bw: float) -> float:
-    """vLLM's choice: the custom all-reduce for small messages when a fit exists, NCCL's ring otherwise."""
+    """vLLM's choice: the custom all-reduce for small messages when a fit exists, NCCL otherwise."""
     custom = profile.link("all_reduce_custom")
-    lp = custom if (custom.fitted and nbytes <= CUSTOM_ALL_REDUCE_MAX_BYTES) else profile.link("all_reduce")
-    return ring_all_reduce_time(nbytes, n, link_bw, lp.alpha_s, lp.bw_efficiency, lp.base_s)
+    if custom.fitted and nbytes <= CUSTOM_ALL_REDUCE_MAX_BYTES:
+        return custom.time("all_reduce", nbytes, n, link_bw)
+    return profile.link("all_reduce").time("all_reduce", nbytes, n, link_bw)
 
 
 def moe_imbalance(assignments: float, ranks: int) -> float:
@@ -85,10 +95,3 @@ def expected_max_normal(n: int) -> float:
     from scipy import integrate, stats
     val, _ = integrate.quad(lambda x: x * n * stats.norm.pdf(x) * stats.norm.cdf(x) ** (n - 1), -12, 12)
     return val
-
-
-def all_to_all_time(nbytes_per_gpu: float, n: int, link_bw: float, alpha: float, eta: float = 1.0,
-                    base: float = 0.0) -> float:
-    """All-to-all where each GPU holds nbytes_per_gpu and keeps 1/n of it: (n-1) peers, (n-1)/n of the
-    data leaves each GPU. Priced with the all-gather fit, which has the same traffic pattern."""
-    return base + (n - 1) * alpha + (n - 1) / n * nbytes_per_gpu / (link_bw * eta)

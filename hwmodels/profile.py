@@ -4,7 +4,8 @@ An op of class c with FLOPs F and bytes B on sequences of KV length L takes
     max(F (1 + s0/L) / (peak x e) + a,  (B + n_seq x s0 x kv_bytes) / (bandwidth x m) + b)
 e, m: sustained fractions of peak; a, b: fixed costs (launch, tail); s0: per-sequence attention
 overhead in virtual keys (a sequence of length L runs at efficiency L / (L + s0)); s0 = 0 outside
-attention. Collectives follow alpha-beta: base + steps x alpha + traffic / (link bandwidth x eta).
+attention. Collectives follow alpha-beta, base + steps x alpha + traffic / (link bandwidth x eta), taking the
+fastest of the fitted protocols.
 """
 from __future__ import annotations
 
@@ -32,10 +33,14 @@ class OpParams:
 
 @dataclass(frozen=True)
 class LinkParams:
-    alpha_s: float
-    bw_efficiency: float
+    """One or more protocols, each (alpha_s, bw_efficiency, base_s); a collective takes the fastest, as
+    NCCL's tuner picks LL/LL128/Simple by message size."""
+    protocols: tuple
     fitted: bool = False
-    base_s: float = 0.0
+
+    def time(self, kind: str, nbytes: float, n: int, link_bw: float) -> float:
+        from .ops import collective_time
+        return min(collective_time(kind, nbytes, n, link_bw, a, e, b) for a, e, b in self.protocols)
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,10 @@ def profile_for(gpu: GPU, alpha_default: float) -> Profile:
             ops[c] = OpParams(gpu.compute_efficiency, gpu.memory_efficiency, floor, floor)
     for c in LINK_CLASSES:
         f = fitted.get(c)
-        links[c] = (LinkParams(f["alpha_us"] * 1e-6, f["bw_efficiency"], True, f.get("base_us", 0.0) * 1e-6) if f
-                    else LinkParams(alpha_default, 1.0))
+        if f:
+            protos = f.get("protocols") or [f]
+            links[c] = LinkParams(tuple((q["alpha_us"] * 1e-6, q["bw_efficiency"], q.get("base_us", 0.0) * 1e-6)
+                                        for q in protos), True)
+        else:
+            links[c] = LinkParams(((alpha_default, 1.0, 0.0),))
     return Profile(gpu.name, ops, links)

@@ -15,7 +15,7 @@ import math
 
 from .catalog import GPU, ModelSpec
 from .memory import dtype_bytes, engine_constants, kv_bytes_per_token
-from .ops import all_reduce_time, all_to_all_time, attention_time, gemm, moe_imbalance, send_recv_time
+from .ops import all_reduce_time, attention_time, gemm, moe_imbalance
 from .profile import profile_for
 from .step_time import BatchShape, StepTime
 
@@ -94,8 +94,8 @@ class RooflineModel:
             load = mean * moe_imbalance(T * k, tp)                 # routed tokens on the busiest rank
             shared = 2 * T * sh * w_full / tp                        # shared experts stay TP-sharded
             b = (touched / tp * w_full + sh * w_full / tp) * self.wb + (load + T * sh) * (h + 3 * m.intermediate_size) * ab
-            lp = self.profile.link("all_gather")
-            a2a = all_to_all_time(T / tp * k * h * ab, tp, self.link_bw, lp.alpha_s, lp.bw_efficiency, lp.base_s)
+            # all-to-all has the all-gather's traffic pattern: priced with its fitted protocols
+            a2a = self.profile.link("all_gather").time("all_gather", T / tp * k * h * ab, tp, self.link_bw)
             # the step waits for the busiest rank; useful FLOPs (for MFU) are the mean rank's
             ops["moe_experts"] = (self.p_gemm.time(2 * load * w_full + shared, b, self.peak, self.bw),
                                   2 * mean * w_full + shared, b)
@@ -140,9 +140,8 @@ class RooflineModel:
             n_ar = 1 if self.ep else 2   # with EP the MoE output is combined by its all-to-all
             put("all_reduce", all_reduce_time(self.profile, T * h * ab, self.tp, self.link_bw), 0.0, 0.0, times=n_ar * L)
         if self.pp > 1:
-            lp = self.profile.link("send_recv")
-            ops["send_recv"] = ((self.pp - 1) * send_recv_time(T * h * ab, self.link_bw, lp.alpha_s, lp.bw_efficiency),
-                                0.0, 0.0)
+            sr = self.profile.link("send_recv").time("send_recv", T * h * ab, 2, self.link_bw)
+            ops["send_recv"] = ((self.pp - 1) * sr, 0.0, 0.0)
         S = batch.num_sampled
         if S:
             ops["norm"] = tuple(a + b for a, b in zip(ops["norm"], self._mem(self.p_norm, 2 * S * h * ab)))
@@ -222,8 +221,7 @@ class RooflineModel:
         if self.tp > 1:
             t += (1 if self.ep else 2) * L * all_reduce_time(self.profile, T * h * ab, self.tp, self.link_bw)
         if self.pp > 1:
-            lp = self.profile.link("send_recv")
-            t += (self.pp - 1) * send_recv_time(T * h * ab, self.link_bw, lp.alpha_s, lp.bw_efficiency)
+            t += (self.pp - 1) * self.profile.link("send_recv").time("send_recv", T * h * ab, 2, self.link_bw)
         S = batch.num_sampled
         if S:
             mem(self.p_norm, 2 * S * h * ab, 1)

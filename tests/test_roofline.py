@@ -74,8 +74,9 @@ def test_tp_adds_all_reduce_time_of_the_alpha_beta_formula():
     msg = 32 * 8192 * 2
     assert msg <= CUSTOM_ALL_REDUCE_MAX_BYTES                         # vLLM would use its custom all-reduce
     lp = m.profile.link("all_reduce_custom")
-    per = lp.base_s + 2 * 3 * lp.alpha_s + 2 * 3 / 4 * msg / (H100.link_bw * lp.bw_efficiency)
-    assert lp.fitted and lp.base_s > 0
+    # the faster of the fitted protocols, each base + 2(n-1) alpha + 2(n-1)/n x bytes / (eta x link bandwidth)
+    per = min(base + 2 * 3 * alpha + 2 * 3 / 4 * msg / (H100.link_bw * eta) for alpha, eta, base in lp.protocols)
+    assert lp.fitted and len(lp.protocols) == 2
     assert m.breakdown(b)["all_reduce"][0] == pytest.approx(per * 2 * 80, rel=1e-12)
 
 
