@@ -221,6 +221,26 @@ def calibrate(backend: Optional[str] = typer.Option(None, help="numpy or torch: 
             print(f"  {c}: median error {v['median_ape_pct']:.1f}% over {v['rows']} points")
     print(f"wrote {path}; use it as gpu: {dev_name}")
 
+@app.command()
+@friendly
+def compare(baseline: Path = typer.Argument(..., help="report.json, a run folder, or a folder of run folders (seeds)"),
+            candidate: Path = typer.Argument(..., help="the same, for the candidate"),
+            thresholds: Optional[Path] = typer.Option(None, help="YAML: metric pattern -> allowed worsening in %"),
+            as_json: Optional[Path] = typer.Option(None, "--json", help="also write the comparison as JSON")):
+    """Compare two runs metric by metric; exit 1 when a metric regresses beyond its threshold."""
+    from dataclasses import asdict
+
+    from servesim.experiments.compare import compare as cmp, format_table, load_side, load_thresholds
+
+    base, cand = load_side(baseline), load_side(candidate)
+    rows = cmp(base, cand, load_thresholds(thresholds))
+    print(format_table(rows, len(base), len(cand)))
+    if as_json:
+        as_json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    if any(r.status == "REGRESSED" for r in rows):
+        raise typer.Exit(1)
+
+
 def main():
     app()
 
