@@ -61,7 +61,7 @@ def run(config: Path = typer.Argument(..., help="YAML config file"),
     if not quiet:
         from rich.markdown import Markdown
         Console().print(Markdown(summary_markdown(rep)))
-        Console().print(f"wrote {out}/ (report.json, requests.csv, timeseries.csv, summary.md"
+        Console().print(f"wrote {out}/ (report.json, requests.csv, timeseries.csv, summary.md, report.html"
                         f"{', plots' if cfg.output.plots and not no_plots else ''})")
 
 

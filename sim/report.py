@@ -178,10 +178,13 @@ def write_outputs(result, out_dir: Path, plots: bool = True) -> dict:
     ts = timeseries(result)
     ts.to_csv(out_dir / "timeseries.csv", index=False)
     (out_dir / "report.json").write_text(json.dumps(rep, indent=2, allow_nan=False, default=_jsonable) + "\n")
-    (out_dir / "summary.md").write_text(summary_markdown(rep))
+    md = summary_markdown(rep)
+    (out_dir / "summary.md").write_text(md)
     if plots:
         from .plots import write_plots
         write_plots(result, df, ts, out_dir)
+    from .html import write_html
+    write_html(md, out_dir)
     return rep
 
 

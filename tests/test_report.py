@@ -39,6 +39,10 @@ def test_report_has_every_documented_key(run, tmp_path):
         assert set(rep["latency_ms"][m]) == {"mean", "p50", "p90", "p95", "p99"}
     for f in ("requests.csv", "timeseries.csv", "summary.md", "latency_cdf.png", "throughput_queue.png", "kv_usage.png"):
         assert (tmp_path / f).stat().st_size > 0
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "src='http" not in page      # self-contained
+    from servesim.sim.report import _fmt
+    assert f"<tr><td>TTFT</td><td>{_fmt(rep['latency_ms']['ttft']['mean'])}</td><td>{_fmt(rep['latency_ms']['ttft']['p50'])}</td>" in page
 
 
 def test_slo_attainment_and_cost_arithmetic(run):
