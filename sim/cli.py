@@ -241,6 +241,17 @@ def compare(baseline: Path = typer.Argument(..., help="report.json, a run folder
         raise typer.Exit(1)
 
 
+@app.command()
+def policies():
+    """List every policy by kind, as configured under `policies:`, with a one-line description."""
+    from servesim.policies import registry
+    for kind, table in (("batching", registry.BATCHING), ("routing", registry.ROUTING),
+                        ("admission", registry.ADMISSION), ("eviction", registry.EVICTION)):
+        print(f"{kind}:")
+        for name, (_, desc) in table.items():
+            print(f"  {name:20s} {desc}")
+
+
 def main():
     app()
 

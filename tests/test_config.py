@@ -38,3 +38,20 @@ def test_config_schema_lists_vllm_engine_keys():
     for k in ("max_num_seqs", "max_num_batched_tokens", "block_size", "enable_chunked_prefill",
               "enable_prefix_caching", "gpu_memory_utilization"):
         assert k in eng
+
+
+def test_policies_listing_matches_the_config_choices():
+    import subprocess
+    import sys
+    import typing
+    from servesim.policies import registry
+    from servesim.sim import config
+    out = subprocess.run([sys.executable, "-m", "servesim.sim.cli", "policies"], capture_output=True, text=True,
+                         check=True).stdout
+    for table in (registry.BATCHING, registry.ROUTING, registry.ADMISSION, registry.EVICTION):
+        for name in table:
+            assert f"  {name} " in out
+    # every registered name is selectable in the config, and every config choice is registered
+    assert set(typing.get_args(config.Batching.model_fields["name"].annotation)) == set(registry.BATCHING)
+    assert set(typing.get_args(config.Routing.model_fields["name"].annotation)) == set(registry.ROUTING)
+    assert set(typing.get_args(config.Eviction.model_fields["name"].annotation)) == set(registry.EVICTION)
