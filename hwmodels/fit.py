@@ -84,20 +84,20 @@ def op_time(p: OpParams, row, peak: float, bw: float, kv_tok: float) -> float:
     return p.time(row.flops, row.nbytes, peak, bw)
 
 
-def _peak(gpu, cls):
+def class_peak(gpu, cls):
     return gpu.peak_flops("fp8" if cls == "gemm_fp8" else "bf16")
 
 
-def _kv_tok(row) -> float:
+def kv_token_bytes(row) -> float:
     return 2 * row.num_kv_heads * row.head_dim * 2 if row.seqs else 0.0
 
 
 def _fit_ops(g: pd.DataFrame, cls: str, gpu) -> OpParams:
-    peak, bw = _peak(gpu, cls), gpu.mem_bw
+    peak, bw = class_peak(gpu, cls), gpu.mem_bw
     attn = cls.startswith("attn")
     y = g["latency_us"].to_numpy() * 1e-6
     rows = list(g.itertuples())
-    kv = [_kv_tok(r) for r in rows]
+    kv = [kv_token_bytes(r) for r in rows]
 
     def resid(x):
         p = OpParams(x[0], x[1], x[2] * 1e-6, x[3] * 1e-6, x[4] if attn else 0.0)
@@ -152,8 +152,8 @@ def _fit_link(g: pd.DataFrame, cls: str, gpu) -> tuple:
 def _predict(cls, params, g, gpu) -> np.ndarray:
     if cls in LINKS.values():
         return np.array([link_time(cls, params, r.nbytes, int(r.num_gpus), gpu.link_bw) for r in g.itertuples()])
-    peak, bw = _peak(gpu, cls), gpu.mem_bw
-    return np.array([op_time(params, r, peak, bw, _kv_tok(r)) for r in g.itertuples()])
+    peak, bw = class_peak(gpu, cls), gpu.mem_bw
+    return np.array([op_time(params, r, peak, bw, kv_token_bytes(r)) for r in g.itertuples()])
 
 
 def _fit(cls, g, gpu):

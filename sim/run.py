@@ -72,7 +72,6 @@ def _where(loc: str, fn, *a, **k):
 
 
 def build(cfg: Config, base_dir: Path | None, env, metrics):
-    rng = np.random.default_rng(cfg.seed)
     wl_rng, route_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(2))
     replicas, infos = [], []
     pol = cfg.policies
@@ -127,7 +126,6 @@ def build(cfg: Config, base_dir: Path | None, env, metrics):
     admission = registry.ADMISSION[pol.admission.name][0](**adm_cfg)
     cluster = Cluster(env, replicas, router, admission, metrics)
     workload = build_workload(cfg.workload, wl_rng, base_dir)
-    del rng
     return cluster, replicas, infos, workload, wl_rng
 
 
