@@ -157,7 +157,7 @@ def simulate(cfg: Config, base_dir: Path | None = None, progress=None) -> RunRes
     inf = math.inf
     while True:
         t = peek()                   # an empty queue peeks as +inf
-        if t == inf or t > limit:
+        if t == inf or t >= limit:   # as SimPy's run(until=...): nothing at or after the stop time
             break
         step()
         events += 1
@@ -166,7 +166,12 @@ def simulate(cfg: Config, base_dir: Path | None = None, progress=None) -> RunRes
     if progress is not None:
         progress(env.now, metrics.done, total)
     metrics.itl.flush()
-    sim_end = max((r.finish for r in metrics.requests if r.finish == r.finish), default=env.now)
+    unfinished = any(r.outcome == "" for r in metrics.requests)
+    # a run cut by max_sim_time_s lasts until the cut (GPUs are paid for it); otherwise to the last finish
+    sim_end = env.now if unfinished else max((r.finish for r in metrics.requests if r.finish == r.finish),
+                                             default=env.now)
+    if unfinished and limit != math.inf:
+        sim_end = limit
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return RunResult(cfg, metrics, infos, [r.peak_flops for r in replicas], [r.peak_bw for r in replicas],
                      dict(cluster.rejections), workload, sim_end, events,
