@@ -81,14 +81,14 @@ def test_itl_counts_every_gap_after_the_first_token(run):
 def test_max_sim_time_cuts_the_run_and_counts_unfinished(base_raw):
     raw = base_raw
     raw["fleet"]["replicas"][0]["perf_model"] = {"name": "linear", "base_s": 0.5}
-    raw["workload"]["arrival"] = {"process": "constant", "rate": 10.0}
+    raw["workload"]["arrival"] = {"process": "constant", "rate": 8.0}     # gaps of exactly 1/8 s
     raw["workload"]["num_requests"] = 100
     raw["sim"] = {"max_sim_time_s": 5.0}
     res, df = run_raw(raw)
     rep = build_report(res, df)
-    assert rep["requests"]["total"] == 50                      # arrivals at 0, 0.1, ..., 4.9
+    assert rep["requests"]["total"] == 40                      # arrivals at 0, 0.125, ..., 4.875; not at 5.0
     assert rep["requests"]["unfinished"] > 0
-    assert rep["requests"]["finished"] + rep["requests"]["unfinished"] == 50
+    assert rep["requests"]["finished"] + rep["requests"]["unfinished"] == 40
     assert rep["sim"]["simulated_s"] == pytest.approx(5.0)
     assert rep["cost"]["gpu_hours"] == pytest.approx(5.0 / 3600)
     assert (df.loc[df["outcome"] == "finished", "finish_s"] <= 5.0).all()
