@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .catalog import get_gpu
-from .fit import KERNELS, LINKS, kv_token_bytes, class_peak, link_time, op_time, reference_rows
+from .fit import KERNELS, LINKS, class_peak, op_time, reference_rows
 from .memory import engine_constants
 from .profile import _fitted, profile_for
 
@@ -21,17 +21,18 @@ from .profile import _fitted, profile_for
 def evaluate(path: Path = KERNELS) -> pd.DataFrame:
     df = reference_rows(path)
     alpha = engine_constants()["collective_latency_s"]
+    profiles: dict = {}
     pred = []
     for r in df.itertuples():
         if not isinstance(r.cls, str):
             pred.append(np.nan)
             continue
         gpu = get_gpu(r.gpu_name)
-        prof = profile_for(gpu, alpha)
+        prof = profiles.get(gpu.name) or profiles.setdefault(gpu.name, profile_for(gpu, alpha))
         if r.cls in LINKS.values():
-            pred.append(link_time(r.cls, prof.link(r.cls).protocols, r.nbytes, int(r.num_gpus), gpu.link_bw) * 1e6)
+            pred.append(prof.link(r.cls).time(r.cls, r.nbytes, int(r.num_gpus), gpu.link_bw) * 1e6)
         else:
-            pred.append(op_time(prof.op(r.cls), r, class_peak(gpu, r.cls), gpu.mem_bw, kv_token_bytes(r)) * 1e6)
+            pred.append(op_time(prof.op(r.cls), r, class_peak(gpu, r.cls), gpu.mem_bw) * 1e6)
     df["predicted_us"] = pred
     df["ape"] = (df["predicted_us"] - df["latency_us"]).abs() / df["latency_us"]
     df["log_ratio"] = np.log(df["predicted_us"] / df["latency_us"])

@@ -25,6 +25,7 @@ import yaml
 
 from servesim.sim.errors import ConfigError
 
+from .catalog import user_profile_dir
 from .fit import _fit_ops, _predict
 from .ops import attention, gemm
 
@@ -33,10 +34,6 @@ PREFILL = [(b, s) for b in (1, 4) for s in (64, 256, 1024)]          # (batch, s
 DECODE = [(b, c) for b in (1, 16) for c in (128, 1024, 4096)]         # (batch, cached)
 HEADS, KV_HEADS, HEAD_DIM = 8, 8, 64   # MHA: the naive kernel reads one K and V per query head
 COPY_MB = (1, 8, 64, 256)
-
-
-def user_profile_dir() -> Path:
-    return Path(os.environ.get("SERVESIM_PROFILES", Path.home() / ".servesim" / "profiles"))
 
 
 class _Backend:
@@ -122,7 +119,7 @@ def measure(backend: str = "numpy", device: str = "cpu", warmup: int = 2, repeat
     rows = []
 
     def add(**kw):
-        rows.append(kw)
+        rows.append({**kw, "elem_bytes": be.bytes})
         if progress:
             progress(len(rows))
 

@@ -86,10 +86,17 @@ def _resolve(table: dict, key: str, what: str) -> str:
     raise ConfigError(f"unknown {what} {key!r}{hint} (known: {', '.join(sorted(table))})")
 
 
+PROFILES = DATA / "profiles"
+
+
+def user_profile_dir() -> Path:
+    """Where `servesim calibrate` writes device profiles: $SERVESIM_PROFILES, else ~/.servesim/profiles."""
+    return Path(os.environ.get("SERVESIM_PROFILES", Path.home() / ".servesim" / "profiles"))
+
+
 def profile_dirs() -> list[Path]:
-    """Where device profiles live: the package's own, then the user's (`servesim calibrate` writes there)."""
-    user = Path(os.environ.get("SERVESIM_PROFILES", Path.home() / ".servesim" / "profiles"))
-    return [DATA / "profiles", user]
+    """Where device profiles live: the package's own, then the user's."""
+    return [PROFILES, user_profile_dir()]
 
 
 def profile_documents() -> list[dict]:

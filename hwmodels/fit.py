@@ -17,7 +17,7 @@ from scipy.optimize import least_squares
 
 from .catalog import DATA, get_gpu
 from .memory import engine_constants
-from .ops import attention, gemm
+from .ops import attention, attention_time, gemm
 from .profile import PROFILES, LinkParams, OpParams
 
 KERNELS = DATA / "reference" / "kernel_points.csv"
@@ -75,12 +75,10 @@ def reference_rows(path: Path = KERNELS) -> pd.DataFrame:
 
 
 # --- op classes -----------------------------------------------------------------------------
-def op_time(p: OpParams, row, peak: float, bw: float, kv_tok: float) -> float:
+def op_time(p: OpParams, row, peak: float, bw: float) -> float:
     if row.seqs:
-        s0 = p.seq_overhead
-        f_eff = sum(attention(n, c, row.num_heads, row.num_kv_heads, row.head_dim)[0] * (1 + s0 / (n + c))
-                    for n, c in row.seqs)
-        return p.time(f_eff, row.nbytes + len(row.seqs) * s0 * kv_tok, peak, bw)
+        b = getattr(row, "elem_bytes", 2)   # the reference kernels are 16-bit; CPU calibration may be fp32
+        return attention_time(p, row.seqs, row.num_heads, row.num_kv_heads, row.head_dim, b, b, peak, bw)[0]
     return p.time(row.flops, row.nbytes, peak, bw)
 
 
@@ -88,20 +86,15 @@ def class_peak(gpu, cls):
     return gpu.peak_flops("fp8" if cls == "gemm_fp8" else "bf16")
 
 
-def kv_token_bytes(row) -> float:
-    return 2 * row.num_kv_heads * row.head_dim * 2 if row.seqs else 0.0
-
-
 def _fit_ops(g: pd.DataFrame, cls: str, gpu) -> OpParams:
     peak, bw = class_peak(gpu, cls), gpu.mem_bw
     attn = cls.startswith("attn")
     y = g["latency_us"].to_numpy() * 1e-6
     rows = list(g.itertuples())
-    kv = [kv_token_bytes(r) for r in rows]
 
     def resid(x):
         p = OpParams(x[0], x[1], x[2] * 1e-6, x[3] * 1e-6, x[4] if attn else 0.0)
-        return np.log(np.array([op_time(p, r, peak, bw, k) for r, k in zip(rows, kv)]) / y)
+        return np.log(np.array([op_time(p, r, peak, bw) for r in rows]) / y)
 
     best = None
     starts = ([0.7, 0.8, 5, 5, 100], [0.6, 0.8, 10, 10, 300], [0.5, 0.5, 10, 10, 1000], [0.7, 0.9, 5, 5, 10])
@@ -115,8 +108,7 @@ def _fit_ops(g: pd.DataFrame, cls: str, gpu) -> OpParams:
 
 # --- collectives ----------------------------------------------------------------------------
 def link_time(cls: str, protocols, nbytes: float, n: int, link_bw: float) -> float:
-    return LinkParams(tuple(protocols)).time("all_gather" if cls == "all_gather" else
-                                             "send_recv" if cls == "send_recv" else "all_reduce", nbytes, n, link_bw)
+    return LinkParams(tuple(protocols)).time(cls, nbytes, n, link_bw)
 
 
 def _fit_link(g: pd.DataFrame, cls: str, gpu) -> tuple:
@@ -153,7 +145,7 @@ def _predict(cls, params, g, gpu) -> np.ndarray:
     if cls in LINKS.values():
         return np.array([link_time(cls, params, r.nbytes, int(r.num_gpus), gpu.link_bw) for r in g.itertuples()])
     peak, bw = class_peak(gpu, cls), gpu.mem_bw
-    return np.array([op_time(params, r, peak, bw, kv_token_bytes(r)) for r in g.itertuples()])
+    return np.array([op_time(params, r, peak, bw) for r in g.itertuples()])
 
 
 def _fit(cls, g, gpu):

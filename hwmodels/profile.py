@@ -10,11 +10,10 @@ fastest of the fitted protocols.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from .catalog import DATA, GPU, profile_documents
+from .catalog import GPU, PROFILES, profile_documents
 
 OP_CLASSES = ("gemm", "gemm_fp8", "attn_prefill", "attn_decode", "norm", "add", "rope", "act")
 LINK_CLASSES = ("all_reduce", "all_reduce_custom", "all_gather", "send_recv")
-PROFILES = DATA / "profiles"
 
 
 @dataclass(frozen=True)

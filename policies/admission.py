@@ -22,6 +22,6 @@ class MaxQueue:
         self.max_waiting = max_waiting
 
     def admit(self, request, cluster, now):
-        if sum(r.num_waiting for r in cluster.views) >= self.max_waiting:
+        if sum(r.num_waiting for r in cluster.replicas) >= self.max_waiting:
             return "queue_full"
         return None

@@ -83,7 +83,7 @@ def check(config: Path, set_: List[str] = typer.Option([], "--set")):
     from .run import build
 
     cfg, base = load_config(config, set_)
-    _, _, infos, workload, _ = build(cfg, base, simpy.Environment(), Metrics(sum(g.count for g in cfg.fleet.replicas), 1.0))
+    _, _, infos, workload = build(cfg, base, simpy.Environment(), Metrics(sum(g.count for g in cfg.fleet.replicas), 1.0))
     print(f"config ok: {len(infos)} replicas, workload: {workload.description}")
     for r in infos:
         print(f"  replica {r.index} {r.group}: {r.memory}")

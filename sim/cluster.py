@@ -13,7 +13,6 @@ class Cluster:
     def __init__(self, env, replicas, router, admission, metrics):
         self.env = env
         self.replicas = replicas
-        self.views = replicas
         self.router = router
         self.admission = admission
         self.metrics = metrics
@@ -59,11 +58,11 @@ class Cluster:
                 yield at(env, t - env.now, ARRIVE)
             self.submit(self._make(w, i, env.now))
 
-    def closed_loop(self, w, extend_lengths):
+    def closed_loop(self, w):
         """N clients; each sends its next request think_time_s after the previous one ends."""
         env = self.env
         state = {"next": 0}
-        limit = None if w.duration_s is not None and len(w) >= 65536 else len(w)
+        limit = w.max_requests
 
         def client():
             while True:
@@ -71,7 +70,7 @@ class Cluster:
                 if (limit is not None and i >= limit) or (w.duration_s is not None and env.now >= w.duration_s):
                     return
                 if i >= len(w):
-                    extend_lengths(w)
+                    w.extend()
                 state["next"] = i + 1
                 done = env.event()
                 req = self._make(w, i, env.now)

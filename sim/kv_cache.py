@@ -130,9 +130,7 @@ class BlockPool:
         del self.by_hash[self.hash[b]]
         self.hash[b] = None
         self.evictions += 1
-        # the caller takes it; make it look like a plain free block
-        self.free_plain.appendleft(b)
-        return self.free_plain.popleft()
+        return b
 
     # --- invariants ---------------------------------------------------------------------
     def check(self, live: list[Request] = ()) -> None:

@@ -15,22 +15,16 @@ from .request import FINISHED
 
 
 class Replica:
-    def __init__(self, env, index: int, group: str, scheduler, pool, model, metrics, *, num_gpus: int,
-                 max_model_len: int, peak_flops: float, peak_bw: float, usd_per_hour: float,
+    def __init__(self, env, index: int, scheduler, pool, model, metrics, *, max_model_len: int,
                  check_invariants: bool = False):
         self.env = env
         self.index = index
-        self.group = group
         self.scheduler = scheduler
         self.pool = pool
         self.model = model
         self.metrics = metrics
         self.stats = metrics.replicas[index]
-        self.num_gpus = num_gpus
         self.max_model_len = max_model_len
-        self.peak_flops = peak_flops        # whole replica (all its GPUs)
-        self.peak_bw = peak_bw
-        self.usd_per_hour = usd_per_hour    # per GPU
         self.check_invariants = check_invariants
         self.waiting: deque = deque()
         self.running: list = []
@@ -121,7 +115,7 @@ class Replica:
         pool, itl = self.pool, self.metrics.itl
         pool.now = now
         sampled = 0
-        finished = False
+        finished = []
         for req, n in batch:
             old = req.num_computed
             req.num_computed = old + n
@@ -138,12 +132,11 @@ class Replica:
                     req.finish = now
                     req.outcome = FINISHED
                     pool.free(req)
-                    finished = True
+                    finished.append(req)
         if finished:
             self.running = [r for r in self.running if r.outcome != FINISHED]
-            for req, _ in batch:
-                if req.outcome == FINISHED and req.finish == now:
-                    self.on_done(req, now)
+            for req in finished:
+                self.on_done(req, now)
         self.metrics.on_tokens(now, sampled)
         if self.check_invariants:
             pool.check(live=self.running)

@@ -107,8 +107,8 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
                  "usd_per_1m_output_tokens": usd / out_tok * 1e6 if out_tok else None,
                  "usd_per_request": usd / int(fin.sum()) if fin.any() else None},
         "utilization": {
-            "mfu": flops / (sum(result.peak_flops) * duration),
-            "mbu": nbytes / (sum(result.peak_bw) * duration),
+            "mfu": flops / (sum(r.peak_flops for r in result.replicas) * duration),
+            "mbu": nbytes / (sum(r.peak_bw for r in result.replicas) * duration),
             "kv_usage_mean": float(np.mean(kv_usage)) if kv_usage else 0.0,
             "busy_fraction": float(np.mean([s.busy_s / duration for s in m.replicas])),
         },

@@ -35,6 +35,8 @@ class ReplicaInfo:
     pp: int
     num_gpus: int
     usd_per_gpu_hour: float
+    peak_flops: float    # whole replica (all its GPUs), for MFU
+    peak_bw: float       # whole replica, for MBU
     num_blocks: int
     block_size: int
     memory: str
@@ -45,8 +47,6 @@ class RunResult:
     config: Config
     metrics: Metrics
     replicas: list[ReplicaInfo]
-    peak_flops: list[float]
-    peak_bw: list[float]
     rejections: dict
     workload: Workload
     sim_end: float
@@ -115,28 +115,17 @@ def build(cfg: Config, base_dir: Path | None, env, metrics):
             sched = registry.BATCHING[pol.batching.name][0](e.max_num_seqs, e.max_num_batched_tokens,
                                                           e.enable_chunked_prefill)
             name = g.name or f"{gpu.name}/{model.name}"
-            replicas.append(Replica(env, i, name, sched, pool, step_model, metrics, num_gpus=n_gpus,
-                                    max_model_len=max_len, peak_flops=n_gpus * gpu.peak_flops(g.dtype),
-                                    peak_bw=n_gpus * gpu.mem_bw, usd_per_hour=price,
+            replicas.append(Replica(env, i, sched, pool, step_model, metrics, max_model_len=max_len,
                                     check_invariants=cfg.sim.check_invariants))
-            infos.append(ReplicaInfo(i, name, gpu.name, model.name, tp, pp, n_gpus, price, blocks, e.block_size,
+            infos.append(ReplicaInfo(i, name, gpu.name, model.name, tp, pp, n_gpus, price,
+                                     n_gpus * gpu.peak_flops(g.dtype), n_gpus * gpu.mem_bw, blocks, e.block_size,
                                      plan.describe()))
     router = registry.ROUTING[pol.routing.name][0](route_rng)
     adm_cfg = pol.admission.model_dump(exclude={"name"})
     admission = registry.ADMISSION[pol.admission.name][0](**adm_cfg)
     cluster = Cluster(env, replicas, router, admission, metrics)
     workload = build_workload(cfg.workload, wl_rng, base_dir)
-    return cluster, replicas, infos, workload, wl_rng
-
-
-def _extend_lengths(cfg, rng, base_dir):
-    from servesim.traces.workload import _lengths
-
-    def extend(w):
-        p, o = _lengths(cfg.workload.lengths, 65536, rng, base_dir)
-        w.prompt = np.concatenate([w.prompt, p])
-        w.output = np.concatenate([w.output, o])
-    return extend
+    return cluster, replicas, infos, workload
 
 
 def simulate(cfg: Config, base_dir: Path | None = None, progress=None) -> RunResult:
@@ -144,13 +133,13 @@ def simulate(cfg: Config, base_dir: Path | None = None, progress=None) -> RunRes
     t0 = time.perf_counter()
     env = simpy.Environment()
     metrics = Metrics(sum(g.count for g in cfg.fleet.replicas), cfg.output.sample_interval_s)
-    cluster, replicas, infos, workload, wl_rng = build(cfg, base_dir, env, metrics)
+    cluster, replicas, infos, workload = build(cfg, base_dir, env, metrics)
     if workload.arrival is not None:
         env.process(cluster.open_loop(workload))
         total = len(workload)
     else:
-        cluster.closed_loop(workload, _extend_lengths(cfg, wl_rng, base_dir))
-        total = None if workload.duration_s and not cfg.workload.num_requests else len(workload)
+        cluster.closed_loop(workload)
+        total = workload.max_requests
     limit = cfg.sim.max_sim_time_s or math.inf
     step, peek = env.step, env.peek
     events = 0
@@ -173,6 +162,5 @@ def simulate(cfg: Config, base_dir: Path | None = None, progress=None) -> RunRes
     if unfinished and limit != math.inf:
         sim_end = limit
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return RunResult(cfg, metrics, infos, [r.peak_flops for r in replicas], [r.peak_bw for r in replicas],
-                     dict(cluster.rejections), workload, sim_end, events,
+    return RunResult(cfg, metrics, infos, dict(cluster.rejections), workload, sim_end, events,
                      time.perf_counter() - t0, rss, [r.pool for r in replicas])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -24,10 +25,18 @@ class Workload:
     concurrency: int = 0                # closed loop: number of clients
     think_time_s: float = 0.0
     duration_s: float | None = None     # closed loop: no new request after this time
+    max_requests: int | None = None     # closed loop: no more requests than this (None: until duration_s)
     description: str = ""
+    sample_lengths: Callable | None = None   # closed loop: n -> (prompt, output), to draw more lengths
 
     def __len__(self) -> int:
         return int(self.prompt.size)
+
+    def extend(self, n: int = 65536) -> None:
+        """Draw n more (prompt, output) pairs for a closed loop bounded by time, not by count."""
+        p, o = self.sample_lengths(n)
+        self.prompt = np.concatenate([self.prompt, p])
+        self.output = np.concatenate([self.output, o])
 
 
 def cap_total_tokens(prompt: np.ndarray, output: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,11 +72,11 @@ def build_workload(cfg, rng: np.random.Generator, base_dir: Path | None = None) 
     a = cfg.arrival
     if a.process == "closed_loop":
         # lengths for every request a client may send; a duration-bounded run draws more as needed
-        n = cfg.num_requests or 65536
-        p, o = _lengths(cfg.lengths, n, rng, base_dir)
+        p, o = _lengths(cfg.lengths, cfg.num_requests or 65536, rng, base_dir)
         return Workload(p, o, None, tenant=cfg.tenant, slo_class=cfg.slo_class, concurrency=a.concurrency,
-                        think_time_s=a.think_time_s, duration_s=cfg.duration_s,
-                        description=f"closed loop, {a.concurrency} clients")
+                        think_time_s=a.think_time_s, duration_s=cfg.duration_s, max_requests=cfg.num_requests,
+                        description=f"closed loop, {a.concurrency} clients",
+                        sample_lengths=lambda n: _lengths(cfg.lengths, n, rng, base_dir))
     t = arrival_times(a, cfg.num_requests, cfg.duration_s, rng)
     p, o = _lengths(cfg.lengths, t.size, rng, base_dir)
     return Workload(p, o, t, tenant=cfg.tenant, slo_class=cfg.slo_class,
