@@ -1,7 +1,9 @@
 """Per-op accuracy of the step-time model against measured kernels (hwmodels/data/reference/).
 
 Every row of kernel_points.csv is priced with the GPU's profile (fitted classes where the profile
-has them, catalog defaults otherwise), through the same mapping the fit uses (fit.py). Rows the
+has them, catalog defaults otherwise), through the same mapping the fit uses (fit.py); a row measured on
+another software stack than the one the simulator uses is priced with that stack's fit, and the tables
+say which stack each line is and whether the simulator uses it. Rows the
 model cannot price (no fp4 peak, links between nodes) are counted as unsupported, never dropped.
 The profile's leave-one-out errors (written by the fit) are shown beside the in-sample ones.
 """
@@ -15,39 +17,54 @@ import pandas as pd
 from .catalog import get_gpu
 from .fit import KERNELS, LINKS, class_peak, op_time, reference_rows
 from .memory import engine_constants
-from .profile import _fitted, profile_for
+from .profile import _fitted, link_params, op_params, profile_for
+
+
+def _stack_entry(gpu: str, cls: str, stack: str) -> dict | None:
+    """The fitted entry of (GPU, class) for a stack, if the profile has one."""
+    f = _fitted().get(gpu, {}).get(cls)
+    if not f:
+        return None
+    return f if f.get("stack", stack) == stack else (f.get("other_stacks") or {}).get(stack)
 
 
 def evaluate(path: Path = KERNELS) -> pd.DataFrame:
     df = reference_rows(path)
     alpha = engine_constants()["collective_latency_s"]
     profiles: dict = {}
-    pred = []
+    pred, used = [], []
     for r in df.itertuples():
         if not isinstance(r.cls, str):
             pred.append(np.nan)
+            used.append(False)
             continue
         gpu = get_gpu(r.gpu_name)
         prof = profiles.get(gpu.name) or profiles.setdefault(gpu.name, profile_for(gpu, alpha))
+        f = _stack_entry(gpu.name, r.cls, r.stack)
+        main = _fitted().get(gpu.name, {}).get(r.cls) or {}
+        used.append(f is None or f is main)
         if r.cls in LINKS.values():
-            pred.append(prof.link(r.cls).time(r.cls, r.nbytes, int(r.num_gpus), gpu.link_bw) * 1e6)
+            link = link_params(f) if f else prof.link(r.cls)
+            pred.append(link.time(r.cls, r.nbytes, int(r.num_gpus), gpu.link_bw) * 1e6)
         else:
-            pred.append(op_time(prof.op(r.cls), r, class_peak(gpu, r.cls), gpu.mem_bw) * 1e6)
+            p = op_params(f) if f else prof.op(r.cls)
+            pred.append(op_time(p, r, class_peak(gpu, r.cls), gpu.mem_bw) * 1e6)
     df["predicted_us"] = pred
+    df["simulator_stack"] = used
     df["ape"] = (df["predicted_us"] - df["latency_us"]).abs() / df["latency_us"]
     df["log_ratio"] = np.log(df["predicted_us"] / df["latency_us"])
     return df
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """By GPU and op class: rows priced, median and p90 absolute percentage error, median bias,
-    whether the class is fitted, and the fit's leave-one-out median error."""
-    fitted = _fitted()
+    """By GPU, op class and software stack: rows priced, median and p90 absolute percentage error, median
+    bias, whether the simulator prices with this stack, whether it is fitted, and the fit's leave-one-out
+    median error."""
     out = []
-    for (gpu, cls), g in df[df["cls"].notna()].groupby(["gpu_name", "cls"]):
-        f = fitted.get(gpu, {}).get(cls)
-        out.append({"gpu": gpu, "op_class": cls, "rows": len(g),
-                    "median_ape_%": 100 * g["ape"].median(), "p90_ape_%": 100 * g["ape"].quantile(0.9),
+    for (gpu, cls, stack), g in df[df["cls"].notna()].groupby(["gpu_name", "cls", "stack"]):
+        f = _stack_entry(gpu, cls, stack)
+        out.append({"gpu": gpu, "op_class": cls, "stack": stack, "used": bool(g["simulator_stack"].iloc[0]),
+                    "rows": len(g), "median_ape_%": 100 * g["ape"].median(), "p90_ape_%": 100 * g["ape"].quantile(0.9),
                     "median_pred/meas": float(np.exp(g["log_ratio"].median())),
                     "fitted": bool(f), "loo_median_ape_%": f.get("loo_median_ape_pct") if f else np.nan})
     return pd.DataFrame(out)

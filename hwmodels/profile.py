@@ -63,23 +63,25 @@ def _fitted() -> dict:
     return out
 
 
+def op_params(f: dict) -> OpParams:
+    """OpParams of one fitted profile entry."""
+    return OpParams(f["compute_efficiency"], f["memory_efficiency"], f["compute_offset_us"] * 1e-6,
+                    f["memory_offset_us"] * 1e-6, f.get("seq_overhead", 0.0), True)
+
+
+def link_params(f: dict) -> LinkParams:
+    protos = f.get("protocols") or [f]
+    return LinkParams(tuple((q["alpha_us"] * 1e-6, q["bw_efficiency"], q.get("base_us", 0.0) * 1e-6)
+                            for q in protos), True)
+
+
 def profile_for(gpu: GPU, alpha_default: float) -> Profile:
+    """The GPU's fitted classes (the preferred stack of each; fit.py) and catalog defaults for the rest."""
     fitted = _fitted().get(gpu.name, {})
     floor = gpu.kernel_floor_s
-    ops, links = {}, {}
-    for c in OP_CLASSES:
-        f = fitted.get(c)
-        if f:
-            ops[c] = OpParams(f["compute_efficiency"], f["memory_efficiency"], f["compute_offset_us"] * 1e-6,
-                              f["memory_offset_us"] * 1e-6, f.get("seq_overhead", 0.0), True)
-        else:
-            ops[c] = OpParams(gpu.compute_efficiency, gpu.memory_efficiency, floor, floor)
-    for c in LINK_CLASSES:
-        f = fitted.get(c)
-        if f:
-            protos = f.get("protocols") or [f]
-            links[c] = LinkParams(tuple((q["alpha_us"] * 1e-6, q["bw_efficiency"], q.get("base_us", 0.0) * 1e-6)
-                                        for q in protos), True)
-        else:
-            links[c] = LinkParams(((alpha_default, 1.0, 0.0),))
+    ops = {c: op_params(fitted[c]) if c in fitted else OpParams(gpu.compute_efficiency, gpu.memory_efficiency,
+                                                                 floor, floor)
+           for c in OP_CLASSES}
+    links = {c: link_params(fitted[c]) if c in fitted else LinkParams(((alpha_default, 1.0, 0.0),))
+             for c in LINK_CLASSES}
     return Profile(gpu.name, ops, links)

@@ -1,8 +1,10 @@
 """Batching policies: which sequences run in the next iteration and how many tokens each gets.
 
-A policy works on the replica's queues through a small context (`sim.replica.Queues`): `waiting`
-(a deque, FCFS), `running` (a list, admission order), `pool` (the KV block pool) and
-`preempt(req)` (recompute preemption: blocks freed, progress lost, back to the waiting front).
+A policy works on the replica's queues (`sim.replica.Replica`): `waiting` (a deque, FCFS), `running`
+(a list, admission order: the admitted requests it may schedule; with pipeline parallelism those whose
+micro-batch is in flight sit out), `num_running` (every admitted request, in flight or not), `pool` (the
+KV block pool) and `preempt(req)` (recompute preemption: blocks freed, progress lost, back to the
+waiting front).
 It returns [(request, num_new_tokens), ...]. It keeps no clock and no state between steps.
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ class ContinuousBatching:
         self.chunked = enable_chunked_prefill
 
     def can_admit(self, q) -> bool:
-        return len(q.running) < self.max_num_seqs
+        return q.num_running < self.max_num_seqs
 
     def schedule(self, q, now: float) -> list:
         budget = self.budget
@@ -85,8 +87,8 @@ class StaticBatching(ContinuousBatching):
 
     def schedule(self, q, now: float) -> list:
         # admissions happen only in the step that starts a batch (running empty at its start)
-        self._forming = not q.running
+        self._forming = q.num_running == 0
         return super().schedule(q, now)
 
     def can_admit(self, q) -> bool:
-        return self._forming and len(q.running) < self.max_num_seqs
+        return self._forming and q.num_running < self.max_num_seqs

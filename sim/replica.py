@@ -2,6 +2,14 @@
 
 Batches are formed in the SCHEDULE phase of an instant (sim/instant.py): after every step that
 ends at that instant has been applied and every request arriving then has been routed.
+
+With pipeline parallelism (pp > 1) the replica keeps up to pp micro-batches in flight, as vLLM's
+batch queue does: a step priced at t by the model takes t / pp on each stage; a new micro-batch
+enters the first stage as soon as that stage is free; it finishes when it leaves the last stage
+(stage k starts when stage k-1 is done with it and stage k is done with the micro-batch before).
+A request sits out while its micro-batch is in the pipeline: it is not in `running`, so the policy
+neither schedules nor preempts it. With too few requests to fill pp micro-batches, stages idle
+(the pipeline bubble), and a lone request's step still takes the whole t.
 """
 from __future__ import annotations
 
@@ -10,13 +18,13 @@ from collections import deque
 
 from servesim.hwmodels.step_time import BatchShape
 
-from .instant import SCHEDULE, at
+from .instant import COMPLETE, SCHEDULE, at
 from .request import FINISHED
 
 
 class Replica:
     def __init__(self, env, index: int, scheduler, pool, model, metrics, *, max_model_len: int,
-                 check_invariants: bool = False):
+                 check_invariants: bool = False, pp: int = 1):
         self.env = env
         self.index = index
         self.scheduler = scheduler
@@ -27,7 +35,11 @@ class Replica:
         self.max_model_len = max_model_len
         self.check_invariants = check_invariants
         self.waiting: deque = deque()
-        self.running: list = []
+        self.running: list = []             # admitted and not in the pipeline: what the policy may schedule
+        self.pp = pp
+        self.stage_free = [0.0] * pp         # when each pipeline stage finishes its current micro-batch
+        self.flying: list = []               # micro-batches in the pipeline (pp > 1)
+        self.num_flying = 0                  # requests in them
         self._wakeup = None
         self.on_done = None                 # cluster callback(req, now)
         self.process = env.process(self._loop())
@@ -39,11 +51,11 @@ class Replica:
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        return len(self.running) + self.num_flying
 
     @property
     def outstanding(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + self.num_flying
 
     @property
     def kv_free_fraction(self) -> float:
@@ -60,6 +72,9 @@ class Replica:
     def add(self, req) -> None:
         req.replica = self.index
         self.waiting.append(req)
+        self._wake()
+
+    def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.triggered:
             self._wakeup.succeed()
 
@@ -75,16 +90,18 @@ class Replica:
         env, pool, stats, metrics = self.env, self.pool, self.stats, self.metrics
         while True:
             if not self.waiting and not self.running:
-                metrics.sample(self.index, env.now, 0, 0, pool.num_used, force=True)
-                self._wakeup = env.event()
-                yield self._wakeup
-                self._wakeup = None
+                if not self.num_flying:
+                    metrics.sample(self.index, env.now, 0, 0, pool.num_used, force=True)
+                yield from self._sleep()
             if env.peek() == env.now:            # other events at this instant: let them go first
                 yield at(env, 0.0, SCHEDULE)
             now = env.now
             pool.now = now
             batch = self.scheduler.schedule(self, now)
             if not batch:
+                if self.num_flying:              # everything schedulable is in the pipeline
+                    yield from self._sleep()
+                    continue
                 raise RuntimeError(f"replica {self.index}: nothing schedulable with {len(self.waiting)} waiting "
                                    f"and {len(self.running)} running at t={now}; this is a servesim bug")
             shape = BatchShape()
@@ -98,9 +115,9 @@ class Replica:
                     shape.prefill_cached.append(req.num_computed)
                 if req.num_computed + n == req.num_tokens:
                     shape.num_sampled += 1
-            metrics.sample(self.index, now, len(self.waiting), len(self.running), pool.num_used)
+            metrics.sample(self.index, now, len(self.waiting), self.num_running, pool.num_used)
             st = self.model.step_time(shape)
-            dt = st.seconds
+            dt = st.seconds if self.pp == 1 else st.seconds / self.pp   # time until the first stage is free
             stats.iterations += 1
             stats.busy_s += dt
             stats.flops += st.flops
@@ -108,8 +125,36 @@ class Replica:
             stats.prefill_tokens += sum(shape.prefill_new)
             stats.decode_tokens += len(shape.decode_cached)
             stats.kv_block_seconds += pool.num_used * dt
-            yield env.timeout(dt)
-            self._complete(batch, env.now)
+            if self.pp == 1:
+                yield env.timeout(dt)
+                self._complete(batch, env.now)
+            else:
+                self._launch(batch, now, dt)
+                yield env.timeout(self.stage_free[0] - now)
+
+    def _sleep(self):
+        self._wakeup = self.env.event()
+        yield self._wakeup
+        self._wakeup = None
+
+    def _launch(self, batch, now: float, stage_s: float) -> None:
+        """Send a micro-batch down the pipeline; its requests sit out until it leaves the last stage."""
+        end = now
+        for k in range(self.pp):
+            end = max(end, self.stage_free[k]) + stage_s
+            self.stage_free[k] = end
+        members = {id(req) for req, _ in batch}
+        self.running = [r for r in self.running if id(r) not in members]
+        self.flying.append(batch)
+        self.num_flying += len(batch)
+        at(self.env, end - now, COMPLETE).callbacks.append(lambda _ev: self._land(batch))
+
+    def _land(self, batch) -> None:
+        self.flying.remove(batch)
+        self.num_flying -= len(batch)
+        self._complete(batch, self.env.now)
+        self.running.extend(req for req, _ in batch if req.outcome != FINISHED)
+        self._wake()
 
     def _complete(self, batch, now: float) -> None:
         pool, itl = self.pool, self.metrics.itl
@@ -139,8 +184,9 @@ class Replica:
                 self.on_done(req, now)
         self.metrics.on_tokens(now, sampled)
         if self.check_invariants:
-            pool.check(live=self.running)
-            for r in self.running:
+            live = self.running + [req for b in self.flying for req, _ in b]
+            pool.check(live=live)
+            for r in live:
                 assert len(r.blocks) >= math.ceil(r.num_computed / pool.block_size), r
             for r in self.waiting:
                 assert not r.blocks and r.num_computed == 0, r

@@ -116,7 +116,7 @@ def build(cfg: Config, base_dir: Path | None, env, metrics):
                                                           e.enable_chunked_prefill)
             name = g.name or f"{gpu.name}/{model.name}"
             replicas.append(Replica(env, i, sched, pool, step_model, metrics, max_model_len=max_len,
-                                    check_invariants=cfg.sim.check_invariants))
+                                    check_invariants=cfg.sim.check_invariants, pp=pp))
             infos.append(ReplicaInfo(i, name, gpu.name, model.name, tp, pp, n_gpus, price,
                                      n_gpus * gpu.peak_flops(g.dtype), n_gpus * gpu.mem_bw, blocks, e.block_size,
                                      plan.describe()))
