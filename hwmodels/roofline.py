@@ -6,8 +6,10 @@ measurements, from the catalog's efficiencies and kernel floor (hwmodels/profile
 all-reduces per layer (vLLM's custom all-reduce for small messages, NCCL ring otherwise). MoE layers
 either shard every expert over the TP ranks, or, with expert parallelism (vLLM's enable_expert_parallel),
 place whole experts on ranks: tokens travel by two all-to-alls, the MLP all-reduce goes away, and the
-step waits for the busiest rank (moe_imbalance). Pipeline
-stages run one after another for a batch (no micro-batch overlap yet).
+step waits for the busiest rank (moe_imbalance). With pipeline
+parallelism a step's time is the whole pipeline's for one micro-batch: every stage (ceil(layers / pp)
+layers each) in turn, with a send/recv of the activations between stages; the engine (sim/replica.py)
+overlaps up to pp micro-batches, each holding a stage for 1/pp of that time.
 """
 from __future__ import annotations
 

@@ -93,6 +93,7 @@ class Replica:
                 if not self.num_flying:
                     metrics.sample(self.index, env.now, 0, 0, pool.num_used, force=True)
                 yield from self._sleep()
+                continue                         # woken by an arrival or by a micro-batch landing
             if env.peek() == env.now:            # other events at this instant: let them go first
                 yield at(env, 0.0, SCHEDULE)
             now = env.now
@@ -150,9 +151,9 @@ class Replica:
         at(self.env, end - now, COMPLETE).callbacks.append(lambda _ev: self._land(batch))
 
     def _land(self, batch) -> None:
+        self._complete(batch, self.env.now)
         self.flying.remove(batch)
         self.num_flying -= len(batch)
-        self._complete(batch, self.env.now)
         self.running.extend(req for req, _ in batch if req.outcome != FINISHED)
         self._wake()
 
@@ -184,7 +185,7 @@ class Replica:
                 self.on_done(req, now)
         self.metrics.on_tokens(now, sampled)
         if self.check_invariants:
-            live = self.running + [req for b in self.flying for req, _ in b]
+            live = self.running + [req for b in self.flying for req, _ in b if req.outcome != FINISHED]
             pool.check(live=live)
             for r in live:
                 assert len(r.blocks) >= math.ceil(r.num_computed / pool.block_size), r
