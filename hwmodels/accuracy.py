@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .catalog import get_gpu
-from .fit import KERNELS, LINKS, class_peak, op_time, reference_rows
+from .fit import KERNELS, LINK_CLASSES, class_peak, op_time, reference_rows
 from .memory import engine_constants
 from .profile import _fitted, link_params, op_params, profile_for
 
@@ -43,9 +43,9 @@ def evaluate(path: Path = KERNELS) -> pd.DataFrame:
         f = _stack_entry(gpu.name, r.cls, r.stack)
         main = _fitted().get(gpu.name, {}).get(r.cls) or {}
         used.append(f is None or f is main)
-        if r.cls in LINKS.values():
+        if r.cls in LINK_CLASSES:
             link = link_params(f) if f else prof.link(r.cls)
-            pred.append(link.time(r.cls, r.nbytes, int(r.num_gpus), gpu.link_bw) * 1e6)
+            pred.append(link.time(r.cls, r.nbytes, int(r.num_gpus), r.bw) * 1e6)
         else:
             p = op_params(f) if f else prof.op(r.cls)
             pred.append(op_time(p, r, class_peak(gpu, r.cls), gpu.mem_bw) * 1e6)

@@ -28,6 +28,8 @@ class GPU:
     memory_efficiency: float
     kernel_floor_s: float
     source: str
+    gpus_per_node: int | None = None     # GPUs in one server; collectives of larger groups cross the network
+    inter_node_bw: float | None = None   # bytes/s per GPU per direction to other servers (InfiniBand/RoCE)
 
     def peak_flops(self, dtype: str) -> float:
         """Tensor-core peak for a precision profile; weight-only int8/int4 compute in bf16."""
@@ -159,6 +161,8 @@ def _get_gpu(key: str, dirs: tuple) -> GPU:
         memory_efficiency=e["memory_efficiency"],
         kernel_floor_s=e["kernel_floor_us"] * 1e-6,
         source=e["source"],
+        gpus_per_node=e.get("gpus_per_node"),
+        inter_node_bw=e["inter_node_bw_gbps"] * 1e9 if e.get("inter_node_bw_gbps") else None,
     )
 
 

@@ -27,7 +27,7 @@ from scipy.optimize import least_squares
 
 from .catalog import DATA, get_gpu
 from .memory import engine_constants
-from .ops import attention, attention_time, gemm
+from .ops import attention, attention_time, gemm, inter_node_bandwidth
 from .profile import PROFILES, LinkParams, OpParams
 
 LOSS, F_SCALE = "soft_l1", 0.1
@@ -39,6 +39,7 @@ VIDUR_GEMMS = {"attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj"
 ELEMENTWISE = {"input_layernorm": "norm", "add": "add", "attn_rope": "rope", "mlp_act": "act"}
 LINKS = {"allreduce": "all_reduce", "allreduce_custom": "all_reduce_custom", "allgather": "all_gather",
          "send_recv": "send_recv"}
+LINK_CLASSES = set(LINKS.values()) | {"all_reduce_inter", "send_recv_inter"}
 
 
 def _note(notes, key: str) -> float | None:
@@ -53,7 +54,7 @@ def stack_name(framework: str) -> str:
 def classify(row) -> dict:
     """Op class, FLOPs, bytes, sequences and link shape of one reference row, or `why` it is not priced."""
     gpu = GPU_NAMES.get(row.gpu, row.gpu)
-    base = {"gpu_name": gpu, "cls": None, "flops": 0.0, "nbytes": 0.0, "seqs": None, "why": "",
+    base = {"gpu_name": gpu, "cls": None, "flops": 0.0, "nbytes": 0.0, "seqs": None, "why": "", "bw": np.nan,
             "stack": stack_name(row.framework)}
     op = row.op
     if op == "gemm" or op in VIDUR_GEMMS:
@@ -73,9 +74,14 @@ def classify(row) -> dict:
         if "pairwise_nvlink" in (row.notes if isinstance(row.notes, str) else ""):
             return {**base, "why": "pairwise NVLink bridges: not the catalog GPU's NVSwitch topology"}
         per_node, nodes = _note(row.notes, "devices_per_node"), _note(row.notes, "nodes")
+        dev = get_gpu(gpu)
         if (nodes or 1) > 1 and (per_node or 1) < row.num_gpus:
-            return {**base, "why": "crosses nodes: no inter-node link in the GPU catalog"}
-        return {**base, "cls": LINKS[op], "nbytes": row.bytes}
+            cls = LINKS[op] + "_inter"
+            if cls not in ("all_reduce_inter", "send_recv_inter") or not dev.inter_node_bw:
+                return {**base, "why": f"{op} across servers: no inter-node model or bandwidth for {gpu}"}
+            bw = inter_node_bandwidth(cls, dev.inter_node_bw, int(per_node or 1))
+            return {**base, "cls": cls, "nbytes": row.bytes, "bw": bw}
+        return {**base, "cls": LINKS[op], "nbytes": row.bytes, "bw": dev.link_bw or np.nan}
     if op in ELEMENTWISE:
         h, inter = _note(row.notes, "hidden"), _note(row.notes, "intermediate")
         T, tp = row.num_tokens, (row.tp if row.tp == row.tp else 1)
@@ -133,15 +139,15 @@ def _fit_link(g: pd.DataFrame, cls: str, gpu) -> tuple:
     """Two protocols (alpha, eta, base) each, the faster serving each message (one protocol when there are
     fewer than 12 rows). send_recv has one hop, so its alpha and base are one parameter (base = 0)."""
     y = g["latency_us"].to_numpy() * 1e-6
-    b, n = g["nbytes"].to_numpy(), g["num_gpus"].to_numpy().astype(int)
-    one_hop = cls == "send_recv"
+    b, n, bw = g["nbytes"].to_numpy(), g["num_gpus"].to_numpy().astype(int), g["bw"].to_numpy()
+    one_hop = cls.startswith("send_recv")
 
     def protos(x):
         return [(x[0] * 1e-6, x[1], 0.0 if one_hop else x[2] * 1e-6), (x[3] * 1e-6, x[4], 0.0 if one_hop else x[5] * 1e-6)]
 
     def resid(x):
         p = protos(x)
-        return np.log(np.array([link_time(cls, p, bi, ni, gpu.link_bw) for bi, ni in zip(b, n)]) / y)
+        return np.log(np.array([link_time(cls, p, bi, ni, wi) for bi, ni, wi in zip(b, n, bw)]) / y)
 
     # at least two rows per parameter: the second protocol (3 more parameters) needs 12 rows
     two = len(g) >= 12
@@ -160,27 +166,27 @@ def _fit_link(g: pd.DataFrame, cls: str, gpu) -> tuple:
 
 
 def _predict(cls, params, g, gpu) -> np.ndarray:
-    if cls in LINKS.values():
-        return np.array([link_time(cls, params, r.nbytes, int(r.num_gpus), gpu.link_bw) for r in g.itertuples()])
+    if cls in LINK_CLASSES:
+        return np.array([link_time(cls, params, r.nbytes, int(r.num_gpus), r.bw) for r in g.itertuples()])
     peak, bw = class_peak(gpu, cls), gpu.mem_bw
     return np.array([op_time(params, r, peak, bw) for r in g.itertuples()])
 
 
 def _fit(cls, g, gpu):
-    return _fit_link(g, cls, gpu) if cls in LINKS.values() else _fit_ops(g, cls, gpu)
+    return _fit_link(g, cls, gpu) if cls in LINK_CLASSES else _fit_ops(g, cls, gpu)
 
 
 def n_params(cls: str, rows: int) -> int:
     """Parameters a class's fit has: e, m, a, b (+ s0 for attention); links 3 per protocol, two protocols
     from 12 rows; send_recv's base folds into alpha."""
-    if cls in LINKS.values():
-        per = 2 if cls == "send_recv" else 3
+    if cls in LINK_CLASSES:
+        per = 2 if cls.startswith("send_recv") else 3
         return per * (2 if rows >= 12 else 1)
     return 5 if cls.startswith("attn") else 4
 
 
 def _entry(cls: str, params) -> dict:
-    if cls in LINKS.values():
+    if cls in LINK_CLASSES:
         return {"protocols": [{"alpha_us": round(float(a) * 1e6, 4), "bw_efficiency": round(float(e), 4),
                                "base_us": round(float(c) * 1e6, 4)} for a, e, c in params]}
     entry = {"compute_efficiency": round(params.compute_efficiency, 4),
@@ -204,7 +210,7 @@ def fit_reference(path: Path = KERNELS, loo: bool = True) -> dict:
     fits: dict = {}
     for (gname, cls, stack), g in rows[rows["cls"].notna()].groupby(["gpu_name", "cls", "stack"]):
         gpu = get_gpu(gname)
-        if len(g) < 2 * n_params(cls, len(g)) or (cls in LINKS.values() and not gpu.link_bw):
+        if len(g) < 2 * n_params(cls, len(g)) or (cls in LINK_CLASSES and g["bw"].isna().any()):
             continue
         params = _fit(cls, g, gpu)
         y = g["latency_us"].to_numpy() * 1e-6

@@ -61,12 +61,20 @@ def send_recv_time(nbytes: float, link_bw: float, alpha: float, eta: float = 1.0
 
 
 def collective_time(kind: str, nbytes: float, n: int, link_bw: float, alpha: float, eta: float, base: float) -> float:
-    """One protocol's alpha-beta time for a collective kind (all_reduce*, all_gather, send_recv)."""
+    """One protocol's alpha-beta time for a collective kind (all_reduce*, all_gather, send_recv*); `link_bw` is
+    the bandwidth of the slowest hop (inter_node_bandwidth() for the *_inter kinds)."""
     if kind == "all_gather":
         return ring_all_gather_time(nbytes, n, link_bw, alpha, eta, base)
-    if kind == "send_recv":
+    if kind.startswith("send_recv"):
         return send_recv_time(nbytes, link_bw, alpha, eta, base)
     return ring_all_reduce_time(nbytes, n, link_bw, alpha, eta, base)
+
+
+def inter_node_bandwidth(kind: str, inter_node_bw: float, per_node: int) -> float:
+    """Bandwidth of the network hop of a collective spanning servers. An all-reduce runs one ring per NIC
+    (NCCL, one NIC per GPU): each of the per_node rings carries 1/per_node of the message over its own NIC,
+    so the message sees per_node x the per-GPU bandwidth; a send/recv crosses one NIC."""
+    return inter_node_bw * (per_node if kind.startswith("all_reduce") else 1)
 
 
 def all_reduce_time(profile, nbytes: float, n: int, link_bw: float) -> float:

@@ -5,7 +5,7 @@ An op of class c with FLOPs F and bytes B on sequences of KV length L takes
 e, m: sustained fractions of peak; a, b: fixed costs (launch, tail); s0: per-sequence attention
 overhead in virtual keys (a sequence of length L runs at efficiency L / (L + s0)); s0 = 0 outside
 attention. Collectives follow alpha-beta, base + steps x alpha + traffic / (link bandwidth x eta), taking the
-fastest of the fitted protocols.
+fastest of the fitted protocols; the *_inter classes are collectives between servers, over the network bandwidth (ops.inter_node_bandwidth).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .catalog import GPU, PROFILES, profile_documents
 
 OP_CLASSES = ("gemm", "gemm_fp8", "attn_prefill", "attn_decode", "norm", "add", "rope", "act")
-LINK_CLASSES = ("all_reduce", "all_reduce_custom", "all_gather", "send_recv")
+LINK_CLASSES = ("all_reduce", "all_reduce_custom", "all_gather", "send_recv", "all_reduce_inter", "send_recv_inter")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import math
 
 from .catalog import GPU, ModelSpec
 from .memory import dtype_bytes, engine_constants, kv_bytes_per_token
-from .ops import all_reduce_time, attention_time, gemm, moe_imbalance
+from .ops import all_reduce_time, attention_time, gemm, inter_node_bandwidth, moe_imbalance
 from .profile import profile_for
 from .step_time import BatchShape, StepTime
 
@@ -75,6 +75,13 @@ class RooflineModel:
         act_total = self.dense_layers * 3 * dense_i + self.moe_layers * 3 * i_tp * max(1, m.experts_per_token)
         self.act_width = act_total / self.layers     # per layer on average, so each layer pays one offset
         self.link_bw = gpu.link_bw or 0.0
+        # a replica larger than a server: TP groups wider than a server all-reduce over the network, and
+        # pipeline hops between stages on different servers go over it (GPUs numbered stage by stage)
+        per = gpu.gpus_per_node if gpu.inter_node_bw else None
+        self.tp_inter = bool(per and tp > per)
+        self.ar_inter_bw = inter_node_bandwidth("all_reduce_inter", gpu.inter_node_bw, per) if self.tp_inter else 0.0
+        self.pp_inter_hops = sum(((k + 1) * tp - 1) // per != ((k + 1) * tp) // per for k in range(pp - 1)) if per else 0
+        self.pp_intra_hops = pp - 1 - self.pp_inter_hops
 
     # --- one op each; used by breakdown() -------------------------------------------------
     def _gemm(self, T, n_out, n_in, out_bytes=2):
@@ -83,6 +90,19 @@ class RooflineModel:
 
     def _mem(self, p, nbytes):
         return p.time(0.0, nbytes, self.peak16, self.bw), 0.0, nbytes
+
+    def _all_reduce(self, nbytes: float) -> float:
+        if self.tp_inter:
+            return self.profile.link("all_reduce_inter").time("all_reduce_inter", nbytes, self.tp, self.ar_inter_bw)
+        return all_reduce_time(self.profile, nbytes, self.tp, self.link_bw)
+
+    def _send_recv(self, nbytes: float) -> float:
+        """Every hop between pipeline stages: NVLink inside a server, the network between servers."""
+        p = self.profile
+        t = self.pp_intra_hops * p.link("send_recv").time("send_recv", nbytes, 2, self.link_bw)
+        if self.pp_inter_hops:
+            t += self.pp_inter_hops * p.link("send_recv_inter").time("send_recv_inter", nbytes, 2, self.gpu.inter_node_bw)
+        return t
 
     def _moe_ops(self, T: int) -> dict[str, tuple[float, float, float]]:
         """One MoE layer for T tokens: router, experts and (with EP) the dispatch/combine all-to-alls."""
@@ -140,10 +160,9 @@ class RooflineModel:
         put("mlp_act", *self._mem(self.p_act, T * self.act_width * ab))
         if self.tp > 1:
             n_ar = 1 if self.ep else 2   # with EP the MoE output is combined by its all-to-all
-            put("all_reduce", all_reduce_time(self.profile, T * h * ab, self.tp, self.link_bw), 0.0, 0.0, times=n_ar * L)
+            put("all_reduce", self._all_reduce(T * h * ab), 0.0, 0.0, times=n_ar * L)
         if self.pp > 1:
-            sr = self.profile.link("send_recv").time("send_recv", T * h * ab, 2, self.link_bw)
-            ops["send_recv"] = ((self.pp - 1) * sr, 0.0, 0.0)
+            ops["send_recv"] = (self._send_recv(T * h * ab), 0.0, 0.0)
         S = batch.num_sampled
         if S:
             ops["norm"] = tuple(a + b for a, b in zip(ops["norm"], self._mem(self.p_norm, 2 * S * h * ab)))
@@ -222,9 +241,9 @@ class RooflineModel:
                 b_all += Lm * ob
         mem(self.p_act, T * self.act_width * ab, L)
         if self.tp > 1:
-            t += (1 if self.ep else 2) * L * all_reduce_time(self.profile, T * h * ab, self.tp, self.link_bw)
+            t += (1 if self.ep else 2) * L * self._all_reduce(T * h * ab)
         if self.pp > 1:
-            t += (self.pp - 1) * self.profile.link("send_recv").time("send_recv", T * h * ab, 2, self.link_bw)
+            t += self._send_recv(T * h * ab)
         S = batch.num_sampled
         if S:
             mem(self.p_norm, 2 * S * h * ab, 1)

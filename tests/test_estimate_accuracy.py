@@ -40,9 +40,10 @@ def test_every_reference_row_is_priced_or_says_why(rows):
     unpriced = rows[rows["predicted_us"].isna()]
     assert unpriced["why"].value_counts().to_dict() == {
         "pairwise NVLink bridges: not the catalog GPU's NVSwitch topology": 30,
-        "crosses nodes: no inter-node link in the GPU catalog": 25,
         "no fp4 peak in the GPU catalog": 21}
-    assert rows["predicted_us"].notna().sum() == 764 - 76
+    assert rows["predicted_us"].notna().sum() == 764 - 51
+    # the 25 rows between servers (A100, InfiniBand) are priced by the network classes
+    assert rows["cls"].isin(["all_reduce_inter", "send_recv_inter"]).sum() == 25
 
 
 def test_predictions_never_beat_peak_hardware(rows):

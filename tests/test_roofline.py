@@ -53,7 +53,9 @@ def test_step_time_equals_breakdown_sum():
     for name, tp, pp, ep, dtype in (("meta-llama/Llama-3.1-8B", 1, 1, False, "bf16"),
                                     ("meta-llama/Llama-3.1-70B", 4, 1, False, "fp8"),
                                     ("mistralai/Mixtral-8x7B-v0.1", 2, 2, False, "int4"),
-                                    ("Qwen/Qwen3-30B-A3B", 4, 1, True, "bf16")):
+                                    ("Qwen/Qwen3-30B-A3B", 4, 1, True, "bf16"),
+                                    ("meta-llama/Llama-3.1-70B", 16, 1, False, "bf16"),
+                                    ("meta-llama/Llama-3.1-70B", 4, 4, False, "bf16")):
         m = RooflineModel(get_model(name), H100, tp=tp, pp=pp, overhead_s=1e-3, ep=ep, dtype=dtype,
                           kv_dtype="fp8" if dtype == "fp8" else "bf16")
         for _ in range(40):
@@ -78,6 +80,31 @@ def test_tp_adds_all_reduce_time_of_the_alpha_beta_formula():
     per = min(base + 2 * 3 * alpha + 2 * 3 / 4 * msg / (H100.link_bw * eta) for alpha, eta, base in lp.protocols)
     assert lp.fitted and len(lp.protocols) == 2
     assert m.breakdown(b)["all_reduce"][0] == pytest.approx(per * 2 * 80, rel=1e-12)
+
+
+def test_replicas_wider_than_a_server_pay_the_network():
+    """A100 servers hold 8 GPUs with 25 GB/s of InfiniBand per GPU (aiconfigurator's a100_sxm.yaml). TP=16
+    all-reduces over the network, one ring per NIC: 8 x 25 GB/s; with TP=4 x PP=4 the hop between stages 1
+    and 2 (GPUs 7 -> 8) leaves the server, the other two stay on NVLink."""
+    a100, l70 = get_gpu("A100-80GB-SXM"), get_model("meta-llama/Llama-2-70b-hf")
+    assert (a100.gpus_per_node, a100.inter_node_bw) == (8, 25e9)
+    b = BatchShape(decode_cached=[100] * 32, num_sampled=32)
+    msg = 32 * 8192 * 2
+    m = RooflineModel(l70, a100, tp=16)
+    lp = m.profile.link("all_reduce_inter")
+    assert lp.fitted
+    per = min(base + 2 * 15 * alpha + 2 * 15 / 16 * msg / (8 * 25e9 * eta) for alpha, eta, base in lp.protocols)
+    assert m.breakdown(b)["all_reduce"][0] == pytest.approx(per * 2 * 80, rel=1e-12)
+    m = RooflineModel(l70, a100, tp=4, pp=4)
+    assert (m.pp_intra_hops, m.pp_inter_hops) == (2, 1)
+    intra, inter = m.profile.link("send_recv"), m.profile.link("send_recv_inter")
+    hop = min(base + alpha + msg / (a100.link_bw * eta) for alpha, eta, base in intra.protocols)
+    net = min(base + alpha + msg / (25e9 * eta) for alpha, eta, base in inter.protocols)
+    assert m.breakdown(b)["send_recv"][0] == pytest.approx(2 * hop + net, rel=1e-12)
+    assert net > 3 * hop
+    # inside one server nothing changes
+    assert RooflineModel(l70, a100, tp=8).tp_inter is False
+    assert RooflineModel(l70, a100, tp=2, pp=4).pp_inter_hops == 0
 
 
 def test_kv_bytes_per_token_gqa_and_mla():
