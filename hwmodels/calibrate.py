@@ -150,7 +150,9 @@ def measure(backend: str = "numpy", device: str = "cpu", warmup: int = 2, repeat
 
 
 def fit_device(raw: pd.DataFrame, name: str, backend: str, device: str, versions: dict) -> dict:
-    """Profile document: the measured device and its fitted op classes."""
+    """Profile document: the measured device and its fitted op classes. A device measured in float32 (numpy,
+    torch on CPU) gets an fp32 peak too, so `dtype: fp32` prices it as measured."""
+    be_fp32 = int(raw["elem_bytes"].iloc[0]) == 4
     from .catalog import GPU
     peak = float((raw.loc[raw["cls"] == "gemm", "flops"] / raw.loc[raw["cls"] == "gemm", "seconds"]).max())
     bw = float((raw.loc[raw["cls"] == "copy", "nbytes"] / raw.loc[raw["cls"] == "copy", "seconds"]).max())
@@ -181,7 +183,8 @@ def fit_device(raw: pd.DataFrame, name: str, backend: str, device: str, versions
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions,
         "devices": {name: {"memory_gb": round(dev.memory_bytes / 1024**3, 2), "mem_bw_tbps": bw / 1e12,
-                           "bf16_tflops": peak / 1e12, "compute_efficiency": 1.0, "memory_efficiency": 1.0,
+                           "bf16_tflops": peak / 1e12, "compute_efficiency": 1.0,
+                           **({"fp32_tflops": peak / 1e12} if be_fp32 else {}), "memory_efficiency": 1.0,
                            "kernel_floor_us": 1.0, "usd_per_hour": None,
                            "precision_note": "numpy measures float32" if backend == "numpy" else f"torch {device}",
                            "source": f"measured by servesim calibrate on this machine ({versions.get('processor')})"}},

@@ -28,6 +28,7 @@ class GPU:
     memory_efficiency: float
     kernel_floor_s: float
     source: str
+    fp32_flops: float | None = None      # measured devices (servesim calibrate): the fp32 peak
     gpus_per_node: int | None = None     # GPUs in one server; collectives of larger groups cross the network
     inter_node_bw: float | None = None   # bytes/s per GPU per direction to other servers (InfiniBand/RoCE)
 
@@ -37,6 +38,11 @@ class GPU:
             if not self.fp8_flops:
                 raise ConfigError(f"gpu {self.name} has no fp8 tensor cores in the catalog; use dtype bf16")
             return self.fp8_flops
+        if dtype == "fp32":
+            if not self.fp32_flops:
+                raise ConfigError(f"gpu {self.name} has no fp32 peak in the catalog (fp32 is for devices measured by "
+                                  "servesim calibrate); use dtype bf16")
+            return self.fp32_flops
         return self.bf16_flops
 
 
@@ -161,6 +167,7 @@ def _get_gpu(key: str, dirs: tuple) -> GPU:
         memory_efficiency=e["memory_efficiency"],
         kernel_floor_s=e["kernel_floor_us"] * 1e-6,
         source=e["source"],
+        fp32_flops=e["fp32_tflops"] * 1e12 if e.get("fp32_tflops") else None,
         gpus_per_node=e.get("gpus_per_node"),
         inter_node_bw=e["inter_node_bw_gbps"] * 1e9 if e.get("inter_node_bw_gbps") else None,
     )

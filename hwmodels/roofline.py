@@ -32,7 +32,8 @@ class RooflineModel:
         self.ep = ep and model.is_moe and tp > 1
         self.overhead_s = overhead_s
         self.wb = dtype_bytes(dtype)
-        self.ab = 2  # activations stay 16-bit in every supported profile (fp8 GEMM inputs are priced by its fit)
+        # activations stay 16-bit in every GPU profile (fp8 GEMM inputs are priced by its fit); fp32 on measured CPUs
+        self.ab = 4 if dtype == "fp32" else 2
         m = model
         h, d = m.hidden_size, m.head_dim
         self.profile = profile_for(gpu, engine_constants()["collective_latency_s"])
@@ -41,7 +42,7 @@ class RooflineModel:
         self.p_pre, self.p_dec = p.op("attn_prefill"), p.op("attn_decode")
         self.p_norm, self.p_add, self.p_rope, self.p_act = p.op("norm"), p.op("add"), p.op("rope"), p.op("act")
         self.peak = gpu.peak_flops(dtype)
-        self.peak16 = gpu.bf16_flops
+        self.peak16 = self.peak if dtype == "fp32" else gpu.bf16_flops   # attention and other 16-bit-input ops
         self.bw = gpu.mem_bw
         self.layers = math.ceil(m.num_layers / pp) * pp
         self.heads = m.num_attention_heads / tp

@@ -16,6 +16,10 @@ class BatchShape:
     prefill_cached: list[int] = field(default_factory=list)   # tokens already cached before the chunk
     decode_cached: list[int] = field(default_factory=list)    # tokens cached before each decode token
     num_sampled: int = 0  # sequences that produce a token this step (LM head + sampling rows)
+    # request ids of the sequences above, filled only for models that keep per-request state
+    # (`needs_ids = True`, the measured backend); shape-only models never look at them
+    prefill_ids: list = field(default_factory=list)
+    decode_ids: list = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

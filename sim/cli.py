@@ -223,6 +223,22 @@ def calibrate(backend: Optional[str] = typer.Option(None, help="numpy or torch: 
 
 @app.command()
 @friendly
+def validate(config: Path = typer.Argument(..., help="YAML config whose replicas use perf_model: measured"),
+             out: Path = typer.Option(Path("runs/validate"), "-o", "--out", help="output folder"),
+             set_: List[str] = typer.Option([], "--set", help="override a key: --set workload.num_requests=50"),
+             recalibrate: bool = typer.Option(False, help="measure this machine again instead of the cached profile")):
+    """Run a scenario on a real transformer (measured backend) and on the roofline model; compare them."""
+    from servesim.experiments.validate import format_table, validate as run_validate
+
+    from .config import load_config
+    cfg, base = load_config(config, list(set_))
+    doc = run_validate(cfg, base, out, recalibrate)
+    print(format_table(doc))
+    print(f"wrote {out}/validate.json, steps.csv, validate_cdf.png, real/, sim/")
+
+
+@app.command()
+@friendly
 def compare(baseline: Path = typer.Argument(..., help="report.json, a run folder, or a folder of run folders (seeds)"),
             candidate: Path = typer.Argument(..., help="the same, for the candidate"),
             thresholds: Optional[Path] = typer.Option(None, help="YAML: metric pattern -> allowed worsening in %"),

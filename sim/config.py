@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt, ValidationError, model_validator
 
 from .errors import ConfigError
 
@@ -45,7 +45,15 @@ class LinearPerf(Strict):
     per_context_token_s: NonNegativeFloat = 0.0
 
 
-PerfModel = Annotated[Union[RooflinePerf, LinearPerf], Field(discriminator="name")]
+class MeasuredPerf(Strict):
+    """Execute every batch on a real (random-weight) transformer and use the measured wall time."""
+    name: Literal["measured"]
+    backend: Literal["numpy", "torch"] = "numpy"
+    device: Literal["cpu", "cuda"] = "cpu"
+    warmup_steps: NonNegativeInt = Field(3, description="first steps run twice, the second timing is kept")
+
+
+PerfModel = Annotated[Union[RooflinePerf, LinearPerf, MeasuredPerf], Field(discriminator="name")]
 
 
 class ReplicaGroup(Strict):
@@ -56,9 +64,10 @@ class ReplicaGroup(Strict):
     tensor_parallel_size: PositiveInt = 1
     pipeline_parallel_size: PositiveInt = 1
     enable_expert_parallel: bool = Field(False, description="MoE: whole experts per TP rank, all-to-all dispatch (vLLM)")
-    dtype: Literal["bf16", "fp16", "fp8", "int8", "int4"] = Field(
-        "bf16", description="weights: fp8 is W8A8; int8 and int4 are weight-only (16-bit activations and KV)")
-    kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp8"] = "auto"
+    dtype: Literal["bf16", "fp16", "fp8", "int8", "int4", "fp32"] = Field(
+        "bf16", description="weights: fp8 is W8A8; int8 and int4 are weight-only (16-bit activations and KV); "
+                            "fp32 for measured CPU devices")
+    kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp8", "fp32"] = "auto"
     engine: EngineConfig = EngineConfig()
     perf_model: PerfModel = RooflinePerf()
 
@@ -262,7 +271,7 @@ class Config(Strict):
 
 # --- loading ---------------------------------------------------------------------------------
 _TAGS = {"trace", "synthetic", "poisson", "gamma", "constant", "all_at_once", "closed_loop", "fixed", "uniform",
-         "lognormal", "independent", "pairs", "roofline", "linear", "accept_all", "max_queue"}
+         "lognormal", "independent", "pairs", "roofline", "linear", "measured", "accept_all", "max_queue"}
 
 
 def _path(loc) -> str:

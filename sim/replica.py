@@ -41,6 +41,8 @@ class Replica:
         self.flying: list = []               # micro-batches in the pipeline (pp > 1)
         self.num_flying = 0                  # requests in them
         self._wakeup = None
+        self._ids = getattr(model, "needs_ids", False)     # a model with per-request state (measured backend)
+        self._release = getattr(model, "release", None)
         self.on_done = None                 # cluster callback(req, now)
         self.process = env.process(self._loop())
 
@@ -80,6 +82,8 @@ class Replica:
 
     def preempt(self, req) -> None:
         self.pool.free(req)
+        if self._release:
+            self._release(req.id)
         req.num_computed = 0
         req.preemptions += 1
         self.stats.preemptions += 1
@@ -111,9 +115,13 @@ class Replica:
                     req.first_scheduled = now
                 if n == 1 and req.num_output and req.num_computed == req.num_tokens - 1:
                     shape.decode_cached.append(req.num_computed)
+                    if self._ids:
+                        shape.decode_ids.append(req.id)
                 else:
                     shape.prefill_new.append(n)
                     shape.prefill_cached.append(req.num_computed)
+                    if self._ids:
+                        shape.prefill_ids.append(req.id)
                 if req.num_computed + n == req.num_tokens:
                     shape.num_sampled += 1
             metrics.sample(self.index, now, len(self.waiting), self.num_running, pool.num_used)
@@ -178,6 +186,8 @@ class Replica:
                     req.finish = now
                     req.outcome = FINISHED
                     pool.free(req)
+                    if self._release:
+                        self._release(req.id)
                     finished.append(req)
         if finished:
             self.running = [r for r in self.running if r.outcome != FINISHED]

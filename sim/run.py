@@ -54,6 +54,7 @@ class RunResult:
     wall_s: float
     peak_rss_mb: float
     pools: list = field(default_factory=list)
+    step_models: list = field(default_factory=list)   # per replica (the measured backend keeps a step log)
 
 
 def _price(cfg: Config, gpu) -> float:
@@ -71,7 +72,7 @@ def _where(loc: str, fn, *a, **k):
         raise type(e)(f"{loc}: {e}") from None
 
 
-def build(cfg: Config, base_dir: Path | None, env, metrics):
+def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: bool = False):
     wl_rng, route_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(2))
     replicas, infos = [], []
     pol = cfg.policies
@@ -101,12 +102,25 @@ def build(cfg: Config, base_dir: Path | None, env, metrics):
                       max_num_batched_tokens=e.max_num_batched_tokens, max_num_seqs=e.max_num_seqs,
                       runtime_overhead_gib=e.runtime_overhead_gib)
         blocks = e.num_gpu_blocks_override or plan.num_blocks
-        if g.perf_model.name == "linear":
-            pm = g.perf_model
+        pm = g.perf_model
+
+        def roofline():
+            return RooflineModel(model, gpu, tp=tp, pp=pp, dtype=g.dtype, kv_dtype=kv_dtype,
+                                 overhead_s=e.scheduler_overhead_ms / 1000, ep=g.enable_expert_parallel)
+
+        def measured():       # one per replica: it holds that replica's KV cache
+            from servesim.hwmodels.measured import MeasuredModel
+            if tp > 1 or pp > 1:
+                raise ConfigError(f"{loc}.perf_model: the measured backend runs one device (tensor and pipeline "
+                                  "parallel sizes 1)")
+            ref = _where(loc, roofline) if measured_reference else None
+            return _where(f"{loc}.perf_model", MeasuredModel, model, pm.backend, pm.device, cfg.seed,
+                          pm.warmup_steps, ref)
+
+        if pm.name == "linear":
             step_model = LinearModel(pm.base_s, pm.per_prefill_token_s, pm.per_decode_seq_s, pm.per_context_token_s)
-        else:
-            step_model = RooflineModel(model, gpu, tp=tp, pp=pp, dtype=g.dtype, kv_dtype=kv_dtype,
-                                       overhead_s=e.scheduler_overhead_ms / 1000, ep=g.enable_expert_parallel)
+        elif pm.name == "roofline":
+            step_model = roofline()
         price = _price(cfg, gpu)
         n_gpus = tp * pp
         for _ in range(g.count):
@@ -115,6 +129,8 @@ def build(cfg: Config, base_dir: Path | None, env, metrics):
             sched = registry.BATCHING[pol.batching.name][0](e.max_num_seqs, e.max_num_batched_tokens,
                                                           e.enable_chunked_prefill)
             name = g.name or f"{gpu.name}/{model.name}"
+            if pm.name == "measured":
+                step_model = measured()
             replicas.append(Replica(env, i, sched, pool, step_model, metrics, max_model_len=max_len,
                                     check_invariants=cfg.sim.check_invariants, pp=pp))
             infos.append(ReplicaInfo(i, name, gpu.name, model.name, tp, pp, n_gpus, price,
@@ -128,12 +144,13 @@ def build(cfg: Config, base_dir: Path | None, env, metrics):
     return cluster, replicas, infos, workload
 
 
-def simulate(cfg: Config, base_dir: Path | None = None, progress=None) -> RunResult:
-    """Run to completion (or sim.max_sim_time_s). progress(sim_time, requests_done, total) is called every 16k events."""
+def simulate(cfg: Config, base_dir: Path | None = None, progress=None, measured_reference: bool = False) -> RunResult:
+    """Run to completion (or sim.max_sim_time_s). progress(sim_time, requests_done, total) is called every 16k events.
+    measured_reference: measured replicas also price each step with the roofline model (servesim validate)."""
     t0 = time.perf_counter()
     env = simpy.Environment()
     metrics = Metrics(sum(g.count for g in cfg.fleet.replicas), cfg.output.sample_interval_s)
-    cluster, replicas, infos, workload = build(cfg, base_dir, env, metrics)
+    cluster, replicas, infos, workload = build(cfg, base_dir, env, metrics, measured_reference)
     if workload.arrival is not None:
         env.process(cluster.open_loop(workload))
         total = len(workload)
@@ -163,4 +180,4 @@ def simulate(cfg: Config, base_dir: Path | None = None, progress=None) -> RunRes
         sim_end = limit
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return RunResult(cfg, metrics, infos, dict(cluster.rejections), workload, sim_end, events,
-                     time.perf_counter() - t0, rss, [r.pool for r in replicas])
+                     time.perf_counter() - t0, rss, [r.pool for r in replicas], [r.model for r in replicas])
