@@ -2,19 +2,20 @@
 
 The device's "datasheet" is measured: peak = the best GEMM FLOP/s seen, bandwidth = the best large-copy
 bytes/s seen. Then the same op-class fit as for the reference kernels (fit.py) runs over the measured
-points (GEMM sweep, causal attention prefill and decode, elementwise passes). The profile file defines
-the device (so `gpu: <name>` works in configs and `servesim estimate`) and its fitted classes, and keeps
-the raw measurements with the machine, software versions and date.
+points: a GEMM sweep, and the measured backend's own kernels (hwmodels/measured.py: GQA attention for
+prefill and decode, RMSNorm, RoPE, SwiGLU, residual add), so a roofline priced on this profile and the
+measured backend time the same code. The profile file defines the device (so `gpu: <name>` works in
+configs and `servesim estimate`) and its fitted classes, and keeps the raw measurements with the
+machine, software versions and date.
 
 Timing: each point is run `warmup` times untimed, then `repeats` times; the median wall time is kept
 (torch on CUDA synchronizes before reading the clock). numpy has no bf16: the numpy backend measures
-float32 and says so in the profile; weights in the simulator stay in the configured dtype.
+float32 and says so in the profile (and gives the device an fp32 peak: use `dtype: fp32`).
 """
 from __future__ import annotations
 
 import datetime as dt
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,123 +30,95 @@ from .catalog import user_profile_dir
 from .fit import _fit_ops, _predict
 from .ops import attention, gemm
 
-GEMM_SHAPES = [(m, n, k) for m in (1, 16, 64, 256, 1024) for n, k in ((1024, 1024), (4096, 1024), (1024, 4096))]
+# m = 1 is timed on its own class (gemv): BLAS libraries run it as a GEMV, without packing the weights
+GEMM_SHAPES = [(m, n, k) for m in (1, 2, 4, 8, 16, 64, 256, 1024)
+               for n, k in ((1024, 1024), (4096, 1024), (1024, 4096), (768, 512), (512, 1536), (3072, 512),
+                            (512, 512), (8192, 512))]
 PREFILL = [(b, s) for b in (1, 4) for s in (64, 256, 1024)]          # (batch, seq)
 DECODE = [(b, c) for b in (1, 16) for c in (128, 1024, 4096)]         # (batch, cached)
-HEADS, KV_HEADS, HEAD_DIM = 8, 8, 64   # MHA: the naive kernel reads one K and V per query head
+HEADS, KV_HEADS, HEAD_DIM = 8, 2, 64   # GQA, as the measured backend's tiny-llama
 COPY_MB = (1, 8, 64, 256)
+TOKENS = (1, 64, 512, 2048)            # rows of the elementwise passes, hidden size 512
 
 
-class _Backend:
-    def __init__(self, name: str, device: str):
-        self.name, self.device = name, device
-        if name == "numpy":
-            if device != "cpu":
-                raise ConfigError("the numpy backend runs on the CPU only (--device cpu)")
-            self.xp, self.dtype, self.bytes = np, np.float32, 4
-        elif name == "torch":
-            try:
-                import torch
-            except ImportError:
-                raise ConfigError("the torch backend needs torch: pip install 'servesim[torch]' (or torch itself)") from None
-            if device == "cuda" and not torch.cuda.is_available():
-                raise ConfigError("--device cuda: torch sees no CUDA device")
-            self.torch, self.xp = torch, torch
-            self.dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            self.bytes = 2 if device == "cuda" else 4
-        else:
-            raise ConfigError(f"unknown backend {name!r}; use numpy or torch")
-
-    def randn(self, *shape):
-        if self.name == "numpy":
-            return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-        return self.torch.randn(*shape, dtype=self.dtype, device=self.device)
-
-    def sync(self):
-        if self.name == "torch" and self.device == "cuda":
-            self.torch.cuda.synchronize()
-
-    def versions(self) -> dict:
-        v = {"python": platform.python_version(), "numpy": np.__version__, "machine": platform.machine(),
-             "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
-        if self.name == "torch":
-            v["torch"] = str(self.torch.__version__)
-            if self.device == "cuda":
-                v["gpu"] = str(self.torch.cuda.get_device_name())
-                v["cuda"] = str(self.torch.version.cuda)
-        return v
+def _backend(name: str, device: str):
+    from .measured import BACKENDS
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}; use {' or '.join(BACKENDS)}")
+    return BACKENDS[name](device, 0)
 
 
-def _time(be: _Backend, fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
+ROTATE_BYTES = 64 * 1024 * 1024   # operands cycled per point: more than a core's caches hold
+
+
+def _time(be, fns, warmup: int, repeats: int) -> float:
+    """Median seconds of one call. `fns` is a list of closures over distinct copies of the operands, called
+    in turn, so a timed call finds its weights and caches cold as in a forward pass (which reads each layer's
+    weights once per step), not warm from the previous repetition."""
+    fns = fns if isinstance(fns, list) else [fns]
+    for j in range(max(warmup, len(fns))):
+        fns[j % len(fns)]()
     be.sync()
     out = []
-    for _ in range(repeats):
+    for j in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        fns[j % len(fns)]()
         be.sync()
         out.append(time.perf_counter() - t0)
     return statistics.median(out)
 
 
-def _attention_fn(be: _Backend, b: int, new: int, cached: int):
-    xp = be.xp
-    L = cached + new
-    q = be.randn(b, HEADS, new, HEAD_DIM)
-    k = be.randn(b, HEADS, L, HEAD_DIM)      # GQA keys expanded to the query heads, as a naive kernel would
-    v = be.randn(b, HEADS, L, HEAD_DIM)
-    scale = 1.0 / HEAD_DIM ** 0.5
-    mask = None
-    if new > 1:
-        i = np.arange(new)[:, None] + cached
-        j = np.arange(L)[None, :]
-        m = np.where(j > i, -1e30, 0.0).astype(np.float32)
-        mask = m if be.name == "numpy" else be.torch.tensor(m, dtype=be.dtype, device=be.device)
-
-    def run():
-        s = xp.matmul(q, k.swapaxes(-1, -2) if be.name == "numpy" else k.transpose(-1, -2)) * scale
-        if mask is not None:
-            s = s + mask
-        s = s - s.max(-1, keepdims=True) if be.name == "numpy" else s - s.amax(-1, keepdim=True)
-        p = xp.exp(s)
-        p = p / (p.sum(-1, keepdims=True) if be.name == "numpy" else p.sum(-1, keepdim=True))
-        return xp.matmul(p, v)
-    return run
+def _copies(nbytes: float, limit: int = 16) -> int:
+    return int(min(limit, max(1, -(-ROTATE_BYTES // max(nbytes, 1)))))
 
 
 def measure(backend: str = "numpy", device: str = "cpu", warmup: int = 2, repeats: int = 5, progress=None) -> pd.DataFrame:
-    be = _Backend(backend, device)
+    """Time copies, GEMMs, and the measured backend's own kernels (attention, RMSNorm, RoPE, SwiGLU, add)."""
+    from .measured import attend, rope, swiglu
+    be = _backend(backend, device)
+    eb = be.elem_bytes
     rows = []
 
     def add(**kw):
-        rows.append({**kw, "elem_bytes": be.bytes})
+        base = dict(op=kw["cls"], m=0, n=0, k=0, batch=0, new=0, cached=0, flops=0.0)
+        rows.append({**base, **kw, "elem_bytes": eb})
         if progress:
             progress(len(rows))
 
     for mb in COPY_MB:
-        n = mb * 1024 * 1024 // be.bytes
+        n = mb * 1024 * 1024 // eb
         a, c = be.randn(n), be.randn(n)
         fn = (lambda a=a, c=c: np.copyto(c, a)) if be.name == "numpy" else (lambda a=a, c=c: c.copy_(a))
-        t = _time(be, fn, warmup, repeats)
-        add(op="copy", cls="copy", m=0, n=0, k=0, batch=0, new=0, cached=0, flops=0.0, nbytes=2.0 * n * be.bytes, seconds=t)
+        add(cls="copy", nbytes=2.0 * n * eb, seconds=_time(be, fn, warmup, repeats))
     for m, n, k in GEMM_SHAPES:
-        a, w = be.randn(m, k), be.randn(k, n)
-        t = _time(be, lambda a=a, w=w: be.xp.matmul(a, w), warmup, repeats)
-        f, b = gemm(m, n, k, be.bytes, be.bytes, be.bytes)
-        add(op="gemm", cls="gemm", m=m, n=n, k=k, batch=0, new=0, cached=0, flops=f, nbytes=b, seconds=t)
+        f, b = gemm(m, n, k, eb, eb, eb)
+        fns = [(lambda a=be.randn(m, k), w=be.randn(k, n): a @ w) for _ in range(_copies(b))]
+        add(cls="gemv" if m == 1 else "gemm", m=m, n=n, k=k, flops=f, nbytes=b,
+            seconds=_time(be, fns, warmup, repeats))
+    scale = HEAD_DIM ** -0.5
     for kind, shapes in (("attn_prefill", PREFILL), ("attn_decode", DECODE)):
         for bsz, x in shapes:
             new, cached = (x, 0) if kind == "attn_prefill" else (1, x)
-            t = _time(be, _attention_fn(be, bsz, new, cached), warmup, repeats)
-            f, b = attention(new, cached, HEADS, KV_HEADS, HEAD_DIM, be.bytes, be.bytes)
-            add(op=kind, cls=kind, m=0, n=0, k=0, batch=bsz, new=new, cached=cached, flops=bsz * f,
-                nbytes=bsz * b, seconds=t)
-    for tokens in (1, 64, 512, 4096):
-        x = be.randn(tokens, 1024)
-        t = _time(be, lambda x=x: x * 1.0001 + x, warmup, repeats)
-        add(op="add", cls="add", m=0, n=0, k=0, batch=0, new=tokens, cached=0, flops=0.0,
-            nbytes=3.0 * tokens * 1024 * be.bytes, seconds=t)
+            f, b = attention(new, cached, HEADS, KV_HEADS, HEAD_DIM, eb, eb)
+            fns = []
+            for _ in range(_copies(bsz * b, limit=8)):
+                seqs = [(be.randn(new, HEADS, HEAD_DIM), be.randn(KV_HEADS, cached + new, HEAD_DIM),
+                         be.randn(KV_HEADS, cached + new, HEAD_DIM)) for _ in range(bsz)]
+                fns.append(lambda seqs=seqs, cached=cached: [attend(be, q, kc, vc, cached, scale) for q, kc, vc in seqs])
+            add(cls=kind, batch=bsz, new=new, cached=cached, flops=bsz * f, nbytes=bsz * b,
+                seconds=_time(be, fns, warmup, repeats))
+    h, i = 512, 1536
+    for T in TOKENS:
+        x, y, g = be.randn(T, h), be.randn(T, h), be.randn(h)
+        q = be.randn(T, HEADS + KV_HEADS, HEAD_DIM)
+        cos, sin = be.randn(T, HEAD_DIM // 2), be.randn(T, HEAD_DIM // 2)
+        gu = be.randn(T, 2 * i)
+        # bytes as the roofline counts them for each class (hwmodels/roofline.py)
+        for cls, fn, nbytes in (("add", lambda x=x, y=y: x + y, 3 * T * h * eb),
+                                ("norm", lambda x=x, g=g: be.rmsnorm(x, g), 2 * T * h * eb),
+                                ("rope", lambda q=q, c=cos, s=sin: rope(be, q, c, s), 2 * T * (HEADS + KV_HEADS) * HEAD_DIM * eb),
+                                ("act", lambda gu=gu: swiglu(be, gu), 3 * T * i * eb)):
+            add(cls=cls, new=T, nbytes=float(nbytes), seconds=_time(be, fn, warmup, repeats))
     return pd.DataFrame(rows)
 
 
@@ -160,8 +133,8 @@ def fit_device(raw: pd.DataFrame, name: str, backend: str, device: str, versions
               usd_per_hour=None, compute_efficiency=1.0, memory_efficiency=1.0, kernel_floor_s=1e-6,
               source=f"measured by servesim calibrate --backend {backend} --device {device}")
     classes = {}
-    for cls, g in raw[raw["cls"].isin(["gemm", "attn_prefill", "attn_decode", "add"])].groupby("cls"):
-        g = g.assign(latency_us=g["seconds"] * 1e6, num_kv_heads=HEADS, head_dim=HEAD_DIM,
+    for cls, g in raw[raw["cls"].isin(["gemm", "gemv", "attn_prefill", "attn_decode", "add", "norm", "rope", "act"])].groupby("cls"):
+        g = g.assign(latency_us=g["seconds"] * 1e6, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                      num_heads=HEADS, seqs=[[(r.new, r.cached)] * int(r.batch) if cls.startswith("attn") else None
                                             for r in g.itertuples()])
         p = _fit_ops(g, cls, dev)
@@ -173,9 +146,6 @@ def fit_device(raw: pd.DataFrame, name: str, backend: str, device: str, versions
                         **({"seq_overhead": round(p.seq_overhead, 3)} if cls.startswith("attn") else {}),
                         "rows": int(len(g)), "median_ape_pct": round(100 * float(np.median(ape)), 2),
                         "p90_ape_pct": round(100 * float(np.percentile(ape, 90)), 2)}
-    # classes not benchmarked (norm, rope, act) are memory-bound passes like `add`
-    for cls in ("norm", "rope", "act"):
-        classes[cls] = {**classes["add"], "note": "not measured: copied from add"}
     return {
         "source": f"servesim calibrate --backend {backend} --device {device}",
         "method": "median of repeated timings after warm-up; peak = best GEMM FLOP/s, bandwidth = best copy "
@@ -202,10 +172,11 @@ def _memory_bytes() -> float:
 
 def calibrate(backend: str, device: str, name: str | None, out: Path | None, repeats: int = 5,
               warmup: int = 2) -> tuple[Path, dict]:
-    be = _Backend(backend, device)
+    from .measured import versions
+    be = _backend(backend, device)
     name = name or f"local-{device}-{backend}"
     raw = measure(backend, device, warmup=warmup, repeats=repeats)
-    doc = fit_device(raw, name, backend, device, be.versions())
+    doc = fit_device(raw, name, backend, device, versions(be))
     path = out or user_profile_dir() / f"{name}.yaml"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,8 @@ Timing does not depend on weight values, so weights are drawn once from a seeded
 """
 from __future__ import annotations
 
+import os
+import platform
 import time
 
 import numpy as np
@@ -32,7 +34,8 @@ class _Numpy:
 
     def __init__(self, device: str, seed: int):
         if device != "cpu":
-            raise ConfigError("perf_model.device: the numpy backend runs on the CPU only (device: cpu)")
+            raise ConfigError("the numpy backend runs on the CPU only (device: cpu)")
+        self.device = device
         self.rng = np.random.default_rng(seed)
 
     def randn(self, *shape, scale=1.0):
@@ -78,11 +81,11 @@ class _Torch:
         try:
             import torch
         except ImportError:
-            raise ConfigError("perf_model.backend torch needs torch: pip install 'servesim[torch]'") from None
+            raise ConfigError("the torch backend needs torch: pip install 'servesim[torch]' (or torch itself)") from None
         if device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("perf_model.device cuda: torch sees no CUDA device")
+            raise ConfigError("device cuda: torch sees no CUDA device")
         if device not in ("cpu", "cuda"):
-            raise ConfigError(f"perf_model.device: {device!r} is not cpu or cuda")
+            raise ConfigError(f"device {device!r} is not cpu or cuda")
         self.t, self.device = torch, device
         self.dtype = torch.bfloat16 if device == "cuda" else torch.float32
         self.elem_bytes = 2 if device == "cuda" else 4
@@ -124,6 +127,48 @@ class _Torch:
 
 
 BACKENDS = {"numpy": _Numpy, "torch": _Torch}
+
+
+def versions(be) -> dict:
+    """Machine and software versions, recorded with every measurement."""
+    v = {"python": platform.python_version(), "numpy": np.__version__, "machine": platform.machine(),
+         "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    if be.name == "torch":
+        v["torch"] = str(be.t.__version__)
+        if be.device == "cuda":
+            v["gpu"] = str(be.t.cuda.get_device_name())
+            v["cuda"] = str(be.t.version.cuda)
+    return v
+
+
+# --- the kernels (servesim calibrate times these same functions) --------------------------------------
+def attend(be, q, kc, vc, cached: int, scale: float):
+    """Causal attention of one sequence's n new queries q [n, H, d] over its cache kc, vc [K, >= cached+n, d]
+    (GQA: H/K query heads per KV head); returns [n, H x d]."""
+    n, H, d = q.shape
+    K = kc.shape[0]
+    L = cached + n
+    qs = be.perm(q.reshape(n, K, H // K, d), (1, 2, 0, 3))                    # [K, g, n, d]
+    s = (qs @ be.tr(kc[:, None, :L])) * scale                                 # [K, g, n, L]
+    if n > 1:
+        mask = np.arange(L)[None, :] > (np.arange(n)[:, None] + cached)
+        s = s + be.asarray(np.where(mask, -1e30, 0.0).astype(np.float32))
+    o = be.softmax(s) @ vc[:, None, :L]                                       # [K, g, n, d]
+    return be.perm(o, (2, 0, 1, 3)).reshape(n, H * d)
+
+
+def rope(be, x, cos, sin):
+    """Rotary embedding of x [T, heads, d] at the tokens' positions (cos, sin: [T, d/2])."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return be.cat([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def swiglu(be, gu):
+    """SiLU(gate) x up of the fused gate/up projection [T, 2i] -> [T, i]."""
+    i = gu.shape[1] // 2
+    return be.silu(gu[:, :i]) * gu[:, i:]
 
 
 class _Seq:
@@ -221,42 +266,28 @@ class MeasuredModel:
 
     def _forward(self, work, tokens, cos, sin, ends, sample_rows):
         be, H, K, d = self.be, self.H, self.K, self.d
-        g = H // K
         T = int(ends[-1])
         x = self.embed[tokens]
         starts = ends - np.array([n for _, _, n in work])
-        half = d // 2
         scale = float(d) ** -0.5     # a Python float: a numpy float64 scalar would promote float32 to float64
         for li, w in enumerate(self.w):
             qkv = be.rmsnorm(x, w["n1"]) @ w["qkv"]
             q = qkv[:, :H * d].reshape(T, H, d)
             k = qkv[:, H * d:(H + K) * d].reshape(T, K, d)
             v = qkv[:, (H + K) * d:].reshape(T, K, d)
-            q, k = self._rope(q, cos, sin, half), self._rope(k, cos, sin, half)
+            q, k = rope(be, q, cos, sin), rope(be, k, cos, sin)
             outs = []
             for (seq, c, n), a in zip(work, starts):
                 kc, vc = seq.k[li], seq.v[li]
                 kc[:, c:c + n] = be.perm(k[a:a + n], (1, 0, 2))                                 # [K, n, d]
                 vc[:, c:c + n] = be.perm(v[a:a + n], (1, 0, 2))
-                L = c + n
-                qs = be.perm(q[a:a + n].reshape(n, K, g, d), (1, 2, 0, 3))                       # [K, g, n, d]
-                s = (qs @ be.tr(kc[:, None, :L])) * scale                           # [K, g, n, L]
-                if n > 1:
-                    mask = np.arange(L)[None, :] > (np.arange(n)[:, None] + c)
-                    s = s + be.asarray(np.where(mask, -1e30, 0.0).astype(np.float32))
-                o = be.softmax(s) @ vc[:, None, :L]                                              # [K, g, n, d]
-                outs.append(be.perm(o, (2, 0, 1, 3)).reshape(n, H * d))
+                outs.append(attend(be, q[a:a + n], kc, vc, c, scale))
             x = x + be.cat(outs) @ w["o"]
-            gu = be.rmsnorm(x, w["n2"]) @ w["gu"]
-            i = gu.shape[1] // 2
-            x = x + (be.silu(gu[:, :i]) * gu[:, i:]) @ w["down"]
+            x = x + swiglu(be, be.rmsnorm(x, w["n2"]) @ w["gu"]) @ w["down"]
         for seq, c, n in work:
             seq.length = c + n
         if len(sample_rows):
             logits = be.rmsnorm(x[sample_rows], self.norm) @ self.lm_head
             be.argmax(logits)
+        return x
 
-    def _rope(self, x, cos, sin, half):
-        x1, x2 = x[..., :half], x[..., half:]
-        c, s = cos[:, None, :], sin[:, None, :]
-        return self.be.cat([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)

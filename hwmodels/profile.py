@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from .catalog import GPU, PROFILES, profile_documents
 
-OP_CLASSES = ("gemm", "gemm_fp8", "attn_prefill", "attn_decode", "norm", "add", "rope", "act")
+OP_CLASSES = ("gemm", "gemm_fp8", "gemv", "attn_prefill", "attn_decode", "norm", "add", "rope", "act")
 LINK_CLASSES = ("all_reduce", "all_reduce_custom", "all_gather", "send_recv", "all_reduce_inter", "send_recv_inter")
 
 
