@@ -53,14 +53,15 @@ ROTATE_BYTES = 64 * 1024 * 1024   # operands cycled per point: more than a core'
 
 def _time(be, fns, warmup: int, repeats: int) -> float:
     """Median seconds of one call. `fns` is a list of closures over distinct copies of the operands, called
-    in turn, so a timed call finds its weights and caches cold as in a forward pass (which reads each layer's
-    weights once per step), not warm from the previous repetition."""
+    in turn, so a timed call finds its weights out of the core's caches as in a forward pass (which reads
+    each layer's weights once per step), not warm from the previous repetition. Every copy is used `warmup`
+    times first, and the timed calls go round the copies at least three times."""
     fns = fns if isinstance(fns, list) else [fns]
-    for j in range(max(warmup, len(fns))):
+    for j in range(warmup * len(fns)):
         fns[j % len(fns)]()
     be.sync()
     out = []
-    for j in range(repeats):
+    for j in range(max(repeats, 3 * len(fns))):    # several passes over the copies, not a first touch of each
         t0 = time.perf_counter()
         fns[j % len(fns)]()
         be.sync()
@@ -74,7 +75,7 @@ def _copies(nbytes: float, limit: int = 16) -> int:
 
 def measure(backend: str = "numpy", device: str = "cpu", warmup: int = 2, repeats: int = 5, progress=None) -> pd.DataFrame:
     """Time copies, GEMMs, and the measured backend's own kernels (attention, RMSNorm, RoPE, SwiGLU, add)."""
-    from .measured import attend, rope, swiglu
+    from .measured import cache_and_attend, rope, swiglu
     be = _backend(backend, device)
     eb = be.elem_bytes
     rows = []
@@ -102,9 +103,11 @@ def measure(backend: str = "numpy", device: str = "cpu", warmup: int = 2, repeat
             f, b = attention(new, cached, HEADS, KV_HEADS, HEAD_DIM, eb, eb)
             fns = []
             for _ in range(_copies(bsz * b, limit=8)):
-                seqs = [(be.randn(new, HEADS, HEAD_DIM), be.randn(KV_HEADS, cached + new, HEAD_DIM),
-                         be.randn(KV_HEADS, cached + new, HEAD_DIM)) for _ in range(bsz)]
-                fns.append(lambda seqs=seqs, cached=cached: [attend(be, q, kc, vc, cached, scale) for q, kc, vc in seqs])
+                seqs = [(be.randn(new, HEADS, HEAD_DIM), be.randn(new, KV_HEADS, HEAD_DIM),
+                         be.randn(KV_HEADS, cached + new, HEAD_DIM), be.randn(KV_HEADS, cached + new, HEAD_DIM))
+                        for _ in range(bsz)]
+                fns.append(lambda seqs=seqs, cached=cached: [cache_and_attend(be, q, kv, kv, kc, vc, cached, scale)
+                                                             for q, kv, kc, vc in seqs])
             add(cls=kind, batch=bsz, new=new, cached=cached, flops=bsz * f, nbytes=bsz * b,
                 seconds=_time(be, fns, warmup, repeats))
     h, i = 512, 1536

@@ -142,6 +142,15 @@ def versions(be) -> dict:
 
 
 # --- the kernels (servesim calibrate times these same functions) --------------------------------------
+def cache_and_attend(be, q, k, v, kc, vc, cached: int, scale: float):
+    """Write one sequence's new keys and values k, v [n, K, d] into its cache at `cached` (vLLM's
+    reshape_and_cache), then attend; the attention op classes of a calibrated CPU profile time both."""
+    n = q.shape[0]
+    kc[:, cached:cached + n] = be.perm(k, (1, 0, 2))
+    vc[:, cached:cached + n] = be.perm(v, (1, 0, 2))
+    return attend(be, q, kc, vc, cached, scale)
+
+
 def attend(be, q, kc, vc, cached: int, scale: float):
     """Causal attention of one sequence's n new queries q [n, H, d] over its cache kc, vc [K, >= cached+n, d]
     (GQA: H/K query heads per KV head); returns [n, H x d]."""
@@ -278,10 +287,7 @@ class MeasuredModel:
             q, k = rope(be, q, cos, sin), rope(be, k, cos, sin)
             outs = []
             for (seq, c, n), a in zip(work, starts):
-                kc, vc = seq.k[li], seq.v[li]
-                kc[:, c:c + n] = be.perm(k[a:a + n], (1, 0, 2))                                 # [K, n, d]
-                vc[:, c:c + n] = be.perm(v[a:a + n], (1, 0, 2))
-                outs.append(attend(be, q[a:a + n], kc, vc, c, scale))
+                outs.append(cache_and_attend(be, q[a:a + n], k[a:a + n], v[a:a + n], seq.k[li], seq.v[li], c, scale))
             x = x + be.cat(outs) @ w["o"]
             x = x + swiglu(be, be.rmsnorm(x, w["n2"]) @ w["gu"]) @ w["down"]
         for seq, c, n in work:
