@@ -75,24 +75,18 @@ def summarize_steps(df: pd.DataFrame) -> list[dict]:
 
 
 def plot_cdfs(real_df: pd.DataFrame, sim_df: pd.DataFrame, out: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from servesim.sim.plots import cdf, save
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, col in zip(axes, ("ttft_s", "tpot_s", "e2e_s")):
-        for label, df, style in (("real (measured)", real_df, "-"), ("sim (roofline)", sim_df, "--")):
-            x = np.sort(df[col].dropna().to_numpy() * 1e3)
-            ax.plot(x, np.arange(1, len(x) + 1) / max(len(x), 1), style, label=label)
+        cdf(ax, real_df[col].to_numpy(dtype=float), "real (measured)")
+        cdf(ax, sim_df[col].to_numpy(dtype=float), "sim (roofline)", "--")
         ax.set_xlabel(f"{col[:-2].upper()} (ms)")
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("servesim validate: measured backend vs roofline on this machine's profile")
-    fig.tight_layout()
-    p = out / "validate_cdf.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return save(fig, out / "validate_cdf.png", "servesim validate: measured backend vs roofline on this machine's profile")
 
 
 def validate(cfg, base: Path | None, out: Path, recalibrate: bool = False) -> dict:

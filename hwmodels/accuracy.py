@@ -89,12 +89,9 @@ def plot(df: pd.DataFrame, out: Path) -> Path:
     ax.set_ylabel("predicted (us)")
     ax.set_title("Step-time model vs measured kernels (dotted: +-10%)")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
-    p = out / "accuracy_ops.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    from servesim.sim.plots import save
+    return save(fig, out / "accuracy_ops.png")
 
 
 # --- end to end: published TensorRT-LLM tables (a check only, never fitting input) ------------
@@ -163,9 +160,6 @@ def plot_engine(e: pd.DataFrame, out: Path) -> Path:
         ax.set_ylabel(f"predicted ({unit})")
         ax.set_title(f"{table}: median error {100 * g['ape'].median():.1f}% ({len(g)} rows)")
         ax.legend(fontsize=8)
-    fig.suptitle("servesim vs TensorRT-LLM v0.6.1 published tables (dotted: +-15%; never fitted)")
-    fig.tight_layout()
-    p = out / "accuracy_engine.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    from servesim.sim.plots import save
+    return save(fig, out / "accuracy_engine.png",
+                "servesim vs TensorRT-LLM v0.6.1 published tables (dotted: +-15%; never fitted)")

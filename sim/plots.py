@@ -10,26 +10,34 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _cdf(ax, values, label):
+def cdf(ax, values, label, style="-"):
+    """Empirical CDF of seconds, drawn in milliseconds."""
     v = np.sort(values[~np.isnan(values)]) * 1000.0
     if v.size:
-        ax.plot(v, np.arange(1, v.size + 1) / v.size, label=label)
+        ax.plot(v, np.arange(1, v.size + 1) / v.size, style, label=label)
+
+
+def save(fig, path: Path, title: str | None = None) -> Path:
+    """Title, tighten, write (PNG, 110 dpi) and close a figure."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_plots(result, df, ts, out: Path) -> list[Path]:
     paths = []
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, col, title in zip(axes, ("ttft_s", "tpot_s", "e2e_s"), ("TTFT", "TPOT", "E2E latency")):
-        _cdf(ax, df[col].to_numpy(dtype=float), title)
+        cdf(ax, df[col].to_numpy(dtype=float), title)
         ax.set_xscale("log")
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction of requests")
         ax.set_title(f"{title} CDF")
         ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "latency_cdf.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save(fig, out / "latency_cdf.png"))
 
     m = result.metrics
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
@@ -58,10 +66,7 @@ def write_plots(result, df, ts, out: Path) -> list[Path]:
     a2.set_xlabel("simulated time (s)")
     a2.set_title("Queue length over time")
     a2.legend(loc="upper right")
-    fig.tight_layout()
-    paths.append(out / "throughput_queue.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save(fig, out / "throughput_queue.png"))
 
     fig, ax = plt.subplots(figsize=(11, 4))
     for rid, g in ts.groupby("replica"):
@@ -72,8 +77,5 @@ def write_plots(result, df, ts, out: Path) -> list[Path]:
     ax.set_ylim(0, 100)
     if ts["replica"].nunique() <= 16:
         ax.legend(loc="upper right", ncol=4, fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "kv_usage.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save(fig, out / "kv_usage.png"))
     return paths
