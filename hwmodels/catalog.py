@@ -91,6 +91,9 @@ def _resolve(table: dict, key: str, what: str) -> str:
     names = sorted(list(table) + [a for e in table.values() for a in e.get("aliases", [])])
     near = difflib.get_close_matches(key, names, n=3)
     hint = f"; did you mean {', '.join(near)}?" if near else ""
+    if what == "gpu" and key.startswith("local-"):
+        hint += ("; a device of this machine is measured first: servesim calibrate --backend numpy "
+                 "(or servesim validate, which calibrates on first use)")
     raise ConfigError(f"unknown {what} {key!r}{hint} (known: {', '.join(sorted(table))})")
 
 
