@@ -51,17 +51,22 @@ def _backend(name: str, device: str):
 ROTATE_BYTES = 64 * 1024 * 1024   # operands cycled per point: more than a core's caches hold
 
 
-def _time(be, fns, warmup: int, repeats: int) -> float:
+def _time(be, fns, warmup: int, repeats: int, between=None) -> float:
     """Median seconds of one call. `fns` is a list of closures over distinct copies of the operands, called
     in turn, so a timed call finds its weights out of the core's caches as in a forward pass (which reads
     each layer's weights once per step), not warm from the previous repetition. Every copy is used `warmup`
-    times first, and the timed calls go round the copies at least three times."""
+    times first, and the timed calls go round the copies at least three times. `between` runs untimed
+    before each timed call: in a forward pass every kernel follows a different one (a projection GEMM
+    evicts what a small elementwise pass would otherwise find warm), never a copy of itself."""
     fns = fns if isinstance(fns, list) else [fns]
     for j in range(warmup * len(fns)):
         fns[j % len(fns)]()
     be.sync()
     out = []
     for j in range(max(repeats, 3 * len(fns))):    # several passes over the copies, not a first touch of each
+        if between is not None:
+            between()
+            be.sync()
         t0 = time.perf_counter()
         fns[j % len(fns)]()
         be.sync()
@@ -86,6 +91,8 @@ def measure(backend: str = "numpy", device: str = "cpu", warmup: int = 2, repeat
         if progress:
             progress(len(rows))
 
+    x_other, w_other = be.randn(1, 512), be.randn(512, 3072)        # a layer's gate/up projection, one token
+    other = (lambda: x_other @ w_other)
     for mb in COPY_MB:
         n = mb * 1024 * 1024 // eb
         a, c = be.randn(n), be.randn(n)
@@ -95,7 +102,7 @@ def measure(backend: str = "numpy", device: str = "cpu", warmup: int = 2, repeat
         f, b = gemm(m, n, k, eb, eb, eb)
         fns = [(lambda a=be.randn(m, k), w=be.randn(k, n): a @ w) for _ in range(_copies(b))]
         add(cls="gemv" if m == 1 else "gemm", m=m, n=n, k=k, flops=f, nbytes=b,
-            seconds=_time(be, fns, warmup, repeats))
+            seconds=_time(be, fns, warmup, repeats, other))
     scale = HEAD_DIM ** -0.5
     for kind, shapes in (("attn_prefill", PREFILL), ("attn_decode", DECODE)):
         for bsz, x in shapes:
@@ -109,7 +116,7 @@ def measure(backend: str = "numpy", device: str = "cpu", warmup: int = 2, repeat
                 fns.append(lambda seqs=seqs, cached=cached: [cache_and_attend(be, q, kv, kv, kc, vc, cached, scale)
                                                              for q, kv, kc, vc in seqs])
             add(cls=kind, batch=bsz, new=new, cached=cached, flops=bsz * f, nbytes=bsz * b,
-                seconds=_time(be, fns, warmup, repeats))
+                seconds=_time(be, fns, warmup, repeats, other))
     h, i = 512, 1536
     for T in TOKENS:
         x, y, g = be.randn(T, h), be.randn(T, h), be.randn(h)
@@ -121,7 +128,7 @@ def measure(backend: str = "numpy", device: str = "cpu", warmup: int = 2, repeat
                                 ("norm", lambda x=x, g=g: be.rmsnorm(x, g), 2 * T * h * eb),
                                 ("rope", lambda q=q, c=cos, s=sin: rope(be, q, c, s), 2 * T * (HEADS + KV_HEADS) * HEAD_DIM * eb),
                                 ("act", lambda gu=gu: swiglu(be, gu), 3 * T * i * eb)):
-            add(cls=cls, new=T, nbytes=float(nbytes), seconds=_time(be, fn, warmup, repeats))
+            add(cls=cls, new=T, nbytes=float(nbytes), seconds=_time(be, fn, warmup, repeats, other))
     return pd.DataFrame(rows)
 
 
@@ -140,13 +147,15 @@ def fit_device(raw: pd.DataFrame, name: str, backend: str, device: str, versions
         g = g.assign(latency_us=g["seconds"] * 1e6, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                      num_heads=HEADS, seqs=[[(r.new, r.cached)] * int(r.batch) if cls.startswith("attn") else None
                                             for r in g.itertuples()])
-        p = _fit_ops(g, cls, dev)
+        naive = cls.startswith("attn")          # measured.attend materializes the score matrix
+        p = _fit_ops(g, cls, dev, naive)
         ape = np.abs(_predict(cls, p, g, dev) / g["seconds"].to_numpy() - 1)
         classes[cls] = {"compute_efficiency": round(p.compute_efficiency, 4),
                         "memory_efficiency": round(p.memory_efficiency, 4),
                         "compute_offset_us": round(p.compute_offset_s * 1e6, 4),
                         "memory_offset_us": round(p.memory_offset_s * 1e6, 4),
-                        **({"seq_overhead": round(p.seq_overhead, 3)} if cls.startswith("attn") else {}),
+                        **({"seq_overhead": round(p.seq_overhead, 3), "naive_attention": True}
+                           if naive else {}),
                         "rows": int(len(g)), "median_ape_pct": round(100 * float(np.median(ape)), 2),
                         "p90_ape_pct": round(100 * float(np.percentile(ape, 90)), 2)}
     return {

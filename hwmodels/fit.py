@@ -110,14 +110,14 @@ def class_peak(gpu, cls):
     return gpu.peak_flops("fp8" if cls == "gemm_fp8" else "bf16")
 
 
-def _fit_ops(g: pd.DataFrame, cls: str, gpu) -> OpParams:
+def _fit_ops(g: pd.DataFrame, cls: str, gpu, naive: bool = False) -> OpParams:
     peak, bw = class_peak(gpu, cls), gpu.mem_bw
     attn = cls.startswith("attn")
     y = g["latency_us"].to_numpy() * 1e-6
     rows = list(g.itertuples())
 
     def resid(x):
-        p = OpParams(x[0], x[1], x[2] * 1e-6, x[3] * 1e-6, x[4] if attn else 0.0)
+        p = OpParams(x[0], x[1], x[2] * 1e-6, x[3] * 1e-6, x[4] if attn else 0.0, False, naive)
         return np.log(np.array([op_time(p, r, peak, bw) for r in rows]) / y)
 
     best = None
@@ -127,7 +127,8 @@ def _fit_ops(g: pd.DataFrame, cls: str, gpu) -> OpParams:
         if best is None or r.cost < best.cost:
             best = r
     x = best.x
-    return OpParams(float(x[0]), float(x[1]), float(x[2]) * 1e-6, float(x[3]) * 1e-6, float(x[4]) if attn else 0.0, True)
+    return OpParams(float(x[0]), float(x[1]), float(x[2]) * 1e-6, float(x[3]) * 1e-6, float(x[4]) if attn else 0.0,
+                    True, naive)
 
 
 # --- collectives ----------------------------------------------------------------------------

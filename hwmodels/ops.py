@@ -30,16 +30,22 @@ def attention(new: float, cached: float, heads: float, kv_heads: float, head_dim
 
 def attention_time(p, seqs, heads, kv_heads, head_dim, kv_bytes, act_bytes, peak, bw):
     """Time, useful FLOPs and bytes of one attention kernel over [(new, cached), ...] sequences,
-    with the profile's per-sequence overhead s0 (a sequence of KV length L runs at L / (L + s0))."""
+    with the profile's per-sequence overhead s0 (a sequence of KV length L runs at L / (L + s0)). A naive
+    kernel (profile flag; the measured CPU backend's) also pays the full new x L score square in FLOPs and
+    writes it out (heads x new x L elements); FlashAttention-style kernels keep scores on chip."""
     s0 = p.seq_overhead
     kv_tok = 2 * kv_heads * head_dim * kv_bytes
-    f_sum = b_sum = f_eff = 0.0
+    f_sum = b_sum = f_eff = b_eff = 0.0
     for new, cached in seqs:
         f, b = attention(new, cached, heads, kv_heads, head_dim, kv_bytes, act_bytes)
         f_sum += f
         b_sum += b
-        f_eff += f * (1 + s0 / (cached + new))
-    t = p.time(f_eff, b_sum + len(seqs) * s0 * kv_tok, peak, bw)
+        L = cached + new
+        if p.naive:   # the whole new x L score square is computed and written out, causal mask or not
+            f = 4.0 * heads * head_dim * new * L
+            b_eff += heads * new * L * act_bytes
+        f_eff += f * (1 + s0 / L)
+    t = p.time(f_eff, b_sum + b_eff + len(seqs) * s0 * kv_tok, peak, bw)
     return t, f_sum, b_sum
 
 

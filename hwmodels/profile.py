@@ -24,6 +24,7 @@ class OpParams:
     memory_offset_s: float
     seq_overhead: float = 0.0
     fitted: bool = False
+    naive: bool = False   # attention kernel that materializes the scores (numpy/torch CPU): see ops.attention_time
 
     def time(self, flops: float, nbytes: float, peak: float, bw: float) -> float:
         return max(flops / (peak * self.compute_efficiency) + self.compute_offset_s,
@@ -66,7 +67,7 @@ def _fitted() -> dict:
 def op_params(f: dict) -> OpParams:
     """OpParams of one fitted profile entry."""
     return OpParams(f["compute_efficiency"], f["memory_efficiency"], f["compute_offset_us"] * 1e-6,
-                    f["memory_offset_us"] * 1e-6, f.get("seq_overhead", 0.0), True)
+                    f["memory_offset_us"] * 1e-6, f.get("seq_overhead", 0.0), True, f.get("naive_attention", False))
 
 
 def link_params(f: dict) -> LinkParams:

@@ -214,13 +214,16 @@ class RooflineModel:
         if batch.prefill_new:
             p = self.p_pre
             s0 = p.seq_overhead
-            fs = bs = fe = 0.0
+            fs = bs = fe = sq = 0.0
             for n, c in zip(batch.prefill_new, batch.prefill_cached):
                 f = 4.0 * hd * n * (c + (n + 1) / 2)
                 fs += f
                 bs += (c + n) * kv_tok + n * qo
+                if p.naive:                      # ops.attention_time: the whole score square
+                    f = 4.0 * hd * n * (c + n)
+                    sq += n * (c + n)
                 fe += f * (1 + s0 / (c + n))
-            be = bs + len(batch.prefill_new) * s0 * kv_tok
+            be = bs + len(batch.prefill_new) * s0 * kv_tok + sq * self.heads * ab
             t += L * max(fe / (peak16 * p.compute_efficiency) + p.compute_offset_s,
                          be / (bw * p.memory_efficiency) + p.memory_offset_s)
             f_all += L * fs
@@ -232,7 +235,7 @@ class RooflineModel:
             fs = 4.0 * hd * ctx
             bs = ctx * kv_tok + nd * qo
             fe = 4.0 * hd * (ctx + nd * s0)
-            be = bs + nd * s0 * kv_tok
+            be = bs + nd * s0 * kv_tok + (ctx * self.heads * ab if p.naive else 0.0)
             t += L * max(fe / (peak16 * p.compute_efficiency) + p.compute_offset_s,
                          be / (bw * p.memory_efficiency) + p.memory_offset_s)
             f_all += L * fs

@@ -69,6 +69,27 @@ def test_step_time_equals_breakdown_sum():
             assert st.bytes == pytest.approx(tp * sum(o[2] for o in ops.values()), rel=1e-12)
 
 
+def test_naive_attention_pays_the_score_square():
+    """A kernel that materializes the scores (the measured CPU backend's) is priced on the whole new x L
+    square, in FLOPs and in bytes written, and step_time still equals the breakdown."""
+    from dataclasses import replace
+    from servesim.hwmodels.ops import attention_time
+    m = RooflineModel(L8B, H100)
+    p = replace(m.p_pre, naive=True, seq_overhead=0.0)
+    flash = replace(p, naive=False)
+    args = (32, 8, 128, 2, 2, 1e15, 1e12)          # heads, kv heads, head_dim, bytes, bytes, peak, bandwidth
+    t, f, b = attention_time(p, [(512, 0)], *args)
+    t0, f0, b0 = attention_time(flash, [(512, 0)], *args)
+    assert (f, b) == (f0, b0)                          # useful work is the same
+    square = 4.0 * 32 * 128 * 512 * 512
+    assert t == pytest.approx(max(square / (1e15 * p.compute_efficiency) + p.compute_offset_s,
+                                  (b + 32 * 512 * 512 * 2) / (1e12 * p.memory_efficiency) + p.memory_offset_s))
+    assert t > t0
+    m.p_pre, m.p_dec = p, replace(m.p_dec, naive=True)
+    b = BatchShape([300, 40], [0, 700], [100, 2000], 4)
+    assert m.step_time(b).seconds == pytest.approx(sum(o[0] for o in m.breakdown(b).values()), rel=1e-12)
+
+
 def test_tp_adds_all_reduce_time_of_the_alpha_beta_formula():
     from servesim.hwmodels.ops import CUSTOM_ALL_REDUCE_MAX_BYTES
     b = BatchShape(decode_cached=[100] * 32, num_sampled=32)
