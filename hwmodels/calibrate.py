@@ -57,7 +57,8 @@ def _time(be, fns, warmup: int, repeats: int, between=None) -> float:
     each layer's weights once per step), not warm from the previous repetition. Every copy is used `warmup`
     times first, and the timed calls go round the copies at least three times. `between` runs untimed
     before each timed call: in a forward pass every kernel follows a different one (a projection GEMM
-    evicts what a small elementwise pass would otherwise find warm), never a copy of itself."""
+    evicts what a small elementwise pass or an attention over a short cache would otherwise find warm),
+    never a copy of itself. GEMMs need no neighbour: their rotated weights are cold already."""
     fns = fns if isinstance(fns, list) else [fns]
     for j in range(warmup * len(fns)):
         fns[j % len(fns)]()
@@ -102,7 +103,7 @@ def measure(backend: str = "numpy", device: str = "cpu", warmup: int = 2, repeat
         f, b = gemm(m, n, k, eb, eb, eb)
         fns = [(lambda a=be.randn(m, k), w=be.randn(k, n): a @ w) for _ in range(_copies(b))]
         add(cls="gemv" if m == 1 else "gemm", m=m, n=n, k=k, flops=f, nbytes=b,
-            seconds=_time(be, fns, warmup, repeats, other))
+            seconds=_time(be, fns, warmup, repeats))      # cold by rotation already: no neighbour
     scale = HEAD_DIM ** -0.5
     for kind, shapes in (("attn_prefill", PREFILL), ("attn_decode", DECODE)):
         for bsz, x in shapes:
