@@ -9,7 +9,9 @@ configs and `servesim estimate`) and its fitted classes, and keeps the raw measu
 machine, software versions and date.
 
 Timing: each point is run `warmup` times untimed, then `repeats` times; the median wall time is kept
-(torch on CUDA synchronizes before reading the clock). numpy has no bf16: the numpy backend measures
+(torch on CUDA synchronizes before reading the clock). GEMM operands are cycled over copies (cold
+weights, as a forward pass reads them); attention and the small passes run right after a different
+kernel. The attention classes are fitted as naive kernels (the backend materializes the score square). numpy has no bf16: the numpy backend measures
 float32 and says so in the profile (and gives the device an fp32 peak: use `dtype: fp32`).
 """
 from __future__ import annotations
