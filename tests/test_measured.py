@@ -14,24 +14,40 @@ TINY = get_model("servesim/tiny-llama")
 
 
 def _forward(m, chunks, tokens):
-    """Run m._forward on [(request id, cached, new)] with given token ids; returns the final hidden states."""
+    """Run m._forward on [(request id, cached, new)] with given token ids; returns the final hidden states
+    as a float32 numpy array."""
+    be = m.be
     work = [(m._ensure(r, c, n), c, n) for r, c, n in chunks]
     pos = np.concatenate([np.arange(c, c + n) for _, c, n in work])
     ends = np.cumsum([n for _, _, n in work])
-    return m._forward(work, np.asarray(tokens), m.cos[pos], m.sin[pos], ends, ends[-1:] - 1)
+    x = m._forward(work, be.asarray(np.asarray(tokens)), be.asarray(m.cos[pos]), be.asarray(m.sin[pos]), ends,
+                   be.asarray(ends[-1:] - 1))
+    if be.name == "numpy":
+        assert x.dtype == np.float32                  # no silent promotion to float64 on the way
+        return x
+    return x.float().cpu().numpy()
 
 
-def test_chunked_prefill_and_decode_reuse_the_cache_exactly():
+def _backends():
+    """numpy always; torch where it is installed (an optional extra: `pip install 'servesim[torch]'`)."""
+    try:
+        import torch  # noqa: F401
+        return ["numpy", "torch"]
+    except ImportError:
+        return ["numpy"]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_chunked_prefill_and_decode_reuse_the_cache_exactly(backend):
     """A 10-token prompt in one step, or as 6 + 4 tokens, or as 9 tokens then a decode token, ends in the
     same hidden state for the last token: later chunks attend to the K and V the earlier chunk cached."""
-    m = MeasuredModel(TINY, seed=3)
+    m = MeasuredModel(TINY, backend=backend, seed=3)
     toks = np.random.default_rng(0).integers(0, TINY.vocab_size, 10)
     whole = _forward(m, [("a", 0, 10)], toks)
     _forward(m, [("b", 0, 6)], toks[:6])
     two = _forward(m, [("b", 6, 4)], toks[6:])
     _forward(m, [("c", 0, 9)], toks[:9])
     dec = _forward(m, [("c", 9, 1)], toks[9:])
-    assert whole.dtype == np.float32                      # no silent promotion to float64 on the way
     np.testing.assert_allclose(two[-1], whole[-1], rtol=2e-4, atol=2e-4)
     np.testing.assert_allclose(dec[-1], whole[-1], rtol=2e-4, atol=2e-4)
     assert [m.seqs[r].length for r in "abc"] == [10, 10, 10]
@@ -41,8 +57,9 @@ def test_chunked_prefill_and_decode_reuse_the_cache_exactly():
     np.testing.assert_allclose(both[19], whole[-1], rtol=2e-4, atol=2e-4)
 
 
-def test_cache_grows_starts_from_prefix_hits_and_is_released():
-    m = MeasuredModel(TINY, warmup_steps=0)
+@pytest.mark.parametrize("backend", _backends())
+def test_cache_grows_starts_from_prefix_hits_and_is_released(backend):
+    m = MeasuredModel(TINY, backend=backend, warmup_steps=0)
     m.step_time(BatchShape([100], [0], [], 1, prefill_ids=[1]))
     cap = m.seqs[1].k[0].shape[1]
     assert m.seqs[1].length == 100 and cap >= 100
