@@ -5,7 +5,7 @@ seconds = base + per_prefill_token * prefill tokens + per_decode_seq * decode se
 """
 from __future__ import annotations
 
-from .step_time import BatchShape, StepTime
+from .step_time import BatchShape, StepTime, decode_steps
 
 
 class LinearModel:
@@ -17,3 +17,6 @@ class LinearModel:
         ctx = sum(batch.prefill_cached) + sum(batch.decode_cached) if self.ct else 0
         s = self.base_s + self.pt * sum(batch.prefill_new) + self.ds * len(batch.decode_cached) + self.ct * ctx
         return StepTime(s, 0.0, 0.0)
+
+    def decode_steps(self, ctx, k: int):
+        return decode_steps(self, ctx, k)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .catalog import GPU, ModelSpec
 from .memory import dtype_bytes, engine_constants, kv_bytes_per_token
 from .ops import all_reduce_time, attention_time, gemm, inter_node_bandwidth, moe_imbalance
@@ -259,3 +261,24 @@ class RooflineModel:
             mem(self.p_add, 2 * S * m.vocab_size * 4, 1)
         g = self.tp  # ops are per GPU; the replica's FLOPs and bytes are tp x those (MFU over all GPUs)
         return StepTime(t + self.overhead_s, g * f_all, g * b_all)
+
+    def decode_steps(self, ctx, k: int):
+        """k consecutive pure-decode steps in closed form (a test holds them equal to step_time one by one):
+        from one step to the next only the decode attention changes, its KV lengths summing b more."""
+        b = len(ctx)
+        st = self.step_time(BatchShape(decode_cached=ctx.tolist(), num_sampled=b))
+        p, L, j = self.p_dec, self.layers, np.arange(k, dtype=float)
+        s0 = p.seq_overhead
+        C = float(ctx.sum()) + b + b * j                                 # sum of KV lengths at each step
+        fe = 4.0 * self.hd * (C + b * s0)
+        be = C * self.kv_tok + b * 2 * self.hd * self.ab + b * s0 * self.kv_tok
+        if p.naive:
+            be = be + C * self.heads * self.ab
+        attn = L * np.maximum(fe / (self.peak16 * p.compute_efficiency) + p.compute_offset_s,
+                              be / (self.bw * p.memory_efficiency) + p.memory_offset_s)
+        secs = st.seconds + (attn - attn[0])
+        secs[0] = st.seconds
+        g = self.tp
+        flops = st.flops + g * L * 4.0 * self.hd * b * j
+        nbytes = st.bytes + g * L * self.kv_tok * b * j
+        return secs, flops, nbytes

@@ -38,3 +38,16 @@ class StepTime(NamedTuple):
 
 class StepTimeModel(Protocol):
     def step_time(self, batch: BatchShape) -> StepTime: ...
+
+
+def decode_steps(model, ctx, k: int):
+    """(seconds, flops, bytes) arrays of k consecutive pure-decode steps of one batch: step j decodes one
+    token for every sequence, on ctx + j cached tokens. Each step priced by model.step_time, so a run of
+    steps costs exactly what k separate steps would."""
+    import numpy as np
+    out = np.empty((3, k))
+    n = len(ctx)
+    for j in range(k):
+        st = model.step_time(BatchShape(decode_cached=(ctx + j).tolist(), num_sampled=n))
+        out[:, j] = st
+    return out[0], out[1], out[2]

@@ -34,6 +34,12 @@ class ContinuousBatching:
     def can_admit(self, q) -> bool:
         return q.num_running < self.max_num_seqs
 
+    def steady_decode(self, q) -> bool:
+        """True when, with nothing arriving, finishing or short of memory, the next step would give every
+        running request (all decoding) one token and admit nobody: the engine may then advance such steps
+        without calling schedule() (sim/replica.py, fast decode)."""
+        return not q.waiting and len(q.running) <= self.budget
+
     def schedule(self, q, now: float) -> list:
         budget = self.budget
         out = []

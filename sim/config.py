@@ -248,6 +248,8 @@ class Output(Strict):
 class SimOptions(Strict):
     max_sim_time_s: Optional[PositiveFloat] = None
     check_invariants: bool = False
+    fast_decode: bool = Field(True, description="advance runs of pure-decode steps without rescheduling "
+                                                "(identical results; false runs every step through the policy)")
 
 
 class Config(Strict):

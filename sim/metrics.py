@@ -26,6 +26,11 @@ class StreamingHistogram:
         if len(self._buf) >= 65536:
             self.flush()
 
+    def add_repeated(self, x: float, n: int) -> None:
+        self._buf.extend([x] * n)
+        if len(self._buf) >= 65536:
+            self.flush()
+
     def flush(self) -> None:
         if not self._buf:
             return

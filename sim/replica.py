@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from collections import deque
 
+import numpy as np
+
 from servesim.hwmodels.step_time import BatchShape
 
 from .instant import COMPLETE, SCHEDULE, at
@@ -24,7 +26,7 @@ from .request import FINISHED
 
 class Replica:
     def __init__(self, env, index: int, scheduler, pool, model, metrics, *, max_model_len: int,
-                 check_invariants: bool = False, pp: int = 1):
+                 check_invariants: bool = False, pp: int = 1, fast_decode: bool = True):
         self.env = env
         self.index = index
         self.scheduler = scheduler
@@ -43,6 +45,9 @@ class Replica:
         self._wakeup = None
         self._ids = getattr(model, "needs_ids", False)     # a model with per-request state (measured backend)
         self._release = getattr(model, "release", None)
+        # runs of pure-decode steps skip the policy when it says they are steady (see _decode_run)
+        self.fast_decode = (fast_decode and pp == 1 and not self._ids and hasattr(scheduler, "steady_decode")
+                            and hasattr(model, "decode_steps"))
         self.on_done = None                 # cluster callback(req, now)
         self.process = env.process(self._loop())
 
@@ -137,9 +142,65 @@ class Replica:
             if self.pp == 1:
                 yield env.timeout(dt)
                 self._complete(batch, env.now)
+                if self.fast_decode and self.running and self.scheduler.steady_decode(self):
+                    yield from self._decode_run()
             else:
                 self._launch(batch, now, dt)
                 yield env.timeout(self.stage_free[0] - now)
+
+    def _decode_run(self):
+        """Steps in which every running request decodes one token and nothing else changes: the same as
+        scheduling each (steady_decode says the policy would pick exactly these), without the per-request
+        scheduling and completion work. Each step is still one timeout of the model's step time, so the
+        clock is the plain path's to the bit. The run stops before a step that would end at or after the
+        next event of the simulation (an arrival must see this step's state), before a request's last token
+        (its finish goes through _complete), and before a step whose new blocks do not fit (preemption
+        goes through the policy)."""
+        env, pool, stats, metrics, itl = self.env, self.pool, self.stats, self.metrics, self.metrics.itl
+        reqs = self.running
+        for r in reqs:
+            if r.num_output == 0 or r.num_computed != r.num_tokens - 1:
+                return
+        ctx = np.array([r.num_computed for r in reqs], dtype=np.int64)   # tokens cached before this step
+        k = min(r.output_tokens - r.num_output for r in reqs) - 1
+        if k < 2:
+            return
+        b, bs = len(reqs), pool.block_size
+        secs, flops, nbytes = self.model.decode_steps(ctx, k)
+        j = 0
+        while j < k:
+            now = env.now
+            dt = float(secs[j])
+            if now + dt >= env.peek():
+                break
+            pool.now = now
+            grow = np.flatnonzero((ctx + j) % bs == 0)       # requests whose new token opens a block
+            if len(grow):
+                if len(grow) > pool.num_free:
+                    break
+                for i in grow:
+                    pool.allocate(reqs[i], int(ctx[i]) + j + 1)
+            metrics.sample(self.index, now, 0, b, pool.num_used)
+            stats.iterations += 1
+            stats.busy_s += dt
+            stats.flops += float(flops[j])
+            stats.bytes += float(nbytes[j])
+            stats.decode_tokens += b
+            stats.kv_block_seconds += pool.num_used * dt
+            yield env.timeout(dt)
+            end = env.now
+            pool.now = end
+            itl.add_repeated(end - now, b)
+            metrics.on_tokens(end, b)
+            j += 1
+        if j:
+            end = env.now
+            for r in reqs:
+                r.num_computed += j
+                r.num_output += j
+                r.last_token = end
+            if self.check_invariants:
+                pool.check(live=self.running)
 
     def _sleep(self):
         self._wakeup = self.env.event()

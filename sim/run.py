@@ -132,7 +132,8 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
             if pm.name == "measured":
                 step_model = measured()
             replicas.append(Replica(env, i, sched, pool, step_model, metrics, max_model_len=max_len,
-                                    check_invariants=cfg.sim.check_invariants, pp=pp))
+                                    check_invariants=cfg.sim.check_invariants, pp=pp,
+                                    fast_decode=cfg.sim.fast_decode))
             infos.append(ReplicaInfo(i, name, gpu.name, model.name, tp, pp, n_gpus, price,
                                      n_gpus * gpu.peak_flops(g.dtype), n_gpus * gpu.mem_bw, blocks, e.block_size,
                                      plan.describe()))

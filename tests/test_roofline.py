@@ -231,3 +231,24 @@ def test_matmul_flops_are_twice_the_parameters_per_token():
     ops = m.breakdown(b)
     matmul = sum(ops[k][1] for k in ("qkv_proj", "o_proj", "mlp_up", "mlp_down", "lm_head"))
     assert matmul == pytest.approx(2 * (L8B.params - L8B.vocab_size * L8B.hidden_size), rel=1e-3)
+
+
+def test_closed_form_decode_runs_equal_step_by_step_pricing():
+    """RooflineModel.decode_steps (used by the engine's fast decode path) against step_time one step at a
+    time, for dense, MoE with EP, MLA, fp8 and pipeline-parallel models."""
+    import numpy as np
+    from dataclasses import replace
+    from servesim.hwmodels.step_time import decode_steps
+    cases = [("meta-llama/Llama-3.1-8B", 1, 1, False, "bf16"), ("meta-llama/Llama-3.1-70B", 4, 2, False, "fp8"),
+             ("Qwen/Qwen3-30B-A3B", 4, 1, True, "bf16"), ("deepseek-ai/DeepSeek-V3", 8, 1, True, "fp8")]
+    rnd = np.random.default_rng(0)
+    for name, tp, pp, ep, dtype in cases:
+        m = RooflineModel(get_model(name), H100, tp=tp, pp=pp, ep=ep, dtype=dtype, overhead_s=2e-4,
+                          kv_dtype="fp8" if dtype == "fp8" else "bf16")
+        for naive in (False, True):
+            m.p_dec = replace(m.p_dec, naive=naive)
+            ctx = rnd.integers(1, 4000, rnd.integers(1, 64))
+            fast = m.decode_steps(ctx, 300)
+            slow = decode_steps(m, ctx, 300)
+            for a, b in zip(fast, slow):
+                np.testing.assert_allclose(a, b, rtol=1e-12)

@@ -1,0 +1,107 @@
+"""The fast decode path (sim/replica.py `_decode_run`) gives every request the plain path's timestamps.
+
+Each scenario runs twice, with sim.fast_decode on and off (off: every step goes through the policy), and
+every request's arrival, first scheduling, first token and finish must agree within 1e-9 relative; the
+counts of iterations, preemptions and prefix-cache hits must be equal.
+"""
+import copy
+
+import numpy as np
+import pytest
+
+from conftest import BASE, run_raw
+
+COLS = ["arrival_s", "first_scheduled_s", "first_token_s", "finish_s"]
+
+
+def _both(raw):
+    out = []
+    for fast in (True, False):
+        r = copy.deepcopy(raw)
+        r.setdefault("sim", {})["fast_decode"] = fast
+        out.append(run_raw(r))
+    return out
+
+
+def _same(raw):
+    (res_f, df_f), (res_p, df_p) = _both(raw)
+    assert list(df_f["outcome"]) == list(df_p["outcome"])
+    for c in COLS:
+        a, b = df_f[c].to_numpy(float), df_p[c].to_numpy(float)
+        assert np.array_equal(np.isnan(a), np.isnan(b)), c
+        ok = ~np.isnan(a)
+        np.testing.assert_allclose(a[ok], b[ok], rtol=1e-9, atol=0, err_msg=c)
+    assert list(df_f["preemptions"]) == list(df_p["preemptions"])
+    assert list(df_f["cached_prompt_tokens"]) == list(df_p["cached_prompt_tokens"])
+    assert [s.iterations for s in res_f.metrics.replicas] == [s.iterations for s in res_p.metrics.replicas]
+    assert res_f.metrics.itl.n == res_p.metrics.itl.n
+    return res_f, df_f
+
+
+def _synthetic(n, rate, lo=20, hi=400, out_hi=200):
+    return {"kind": "synthetic", "num_requests": n, "arrival": {"process": "poisson", "rate": rate},
+            "lengths": {"kind": "independent", "input": {"dist": "uniform", "low": lo, "high": hi},
+                        "output": {"dist": "uniform", "low": 1, "high": out_hi}}}
+
+
+def test_preemption_and_chunked_prefill_on_a_small_pool():
+    raw = copy.deepcopy(BASE)
+    raw["fleet"]["replicas"][0]["engine"] = {"num_gpu_blocks_override": 120, "max_num_batched_tokens": 256}
+    raw["workload"] = _synthetic(300, 15.0)
+    res, df = _same(raw)
+    assert df["preemptions"].sum() > 0
+
+
+def _fast_base():
+    """BASE without per-step invariant checks (they scan the whole, large pool; the small-pool scenario
+    above keeps them on)."""
+    raw = copy.deepcopy(BASE)
+    raw["sim"] = {"check_invariants": False}
+    return raw
+
+
+def test_several_replicas_with_least_outstanding_routing():
+    raw = _fast_base()
+    raw["fleet"]["replicas"][0]["count"] = 3
+    raw["policies"] = {"routing": {"name": "least_outstanding"}}
+    raw["workload"] = _synthetic(400, 30.0)
+    _same(raw)
+
+
+def test_prefix_caching_on_the_mooncake_trace():
+    raw = _fast_base()
+    raw["fleet"]["replicas"][0].update(count=2, engine={"enable_prefix_caching": True, "num_gpu_blocks_override": 3000})
+    raw["workload"] = {"kind": "trace", "path": "bundled:mooncake_conversation_head3000.jsonl.gz",
+                       "max_requests": 300}
+    res, df = _same(raw)
+    assert df["cached_prompt_tokens"].sum() > 0
+
+
+def test_closed_loop_clients_and_static_batching():
+    raw = _fast_base()
+    raw["workload"] = {"kind": "synthetic", "num_requests": 200,
+                       "arrival": {"process": "closed_loop", "concurrency": 6, "think_time_s": 0.05},
+                       "lengths": {"kind": "independent", "input": {"dist": "uniform", "low": 10, "high": 300},
+                                   "output": {"dist": "uniform", "low": 1, "high": 120}}}
+    _same(raw)
+    raw["policies"] = {"batching": {"name": "static"}}
+    _same(raw)
+
+
+def test_the_fast_path_really_runs():
+    """A decode-heavy scenario: most iterations go through the fast path (not one step at a time)."""
+    raw = _fast_base()
+    raw["workload"] = _synthetic(50, 2.0, out_hi=400)
+    from servesim.sim import replica as rep
+    calls = {"n": 0}
+    orig = rep.Replica._decode_run
+
+    def counting(self):
+        calls["n"] += 1
+        return (yield from orig(self))
+    rep.Replica._decode_run = counting
+    try:
+        res, _ = run_raw(raw)
+    finally:
+        rep.Replica._decode_run = orig
+    assert calls["n"] > 0
