@@ -9,6 +9,8 @@ timeout, so at one instant t servesim processes, in this order:
 """
 from __future__ import annotations
 
+from heapq import heappush
+
 import simpy
 from simpy.core import NORMAL
 
@@ -23,4 +25,14 @@ def at(env: simpy.Environment, delay: float, phase: int) -> simpy.Event:
     ev._ok = True          # as simpy.Timeout does: a pre-triggered event, scheduled with our priority
     ev._value = None
     env.schedule(ev, phase, delay)
+    return ev
+
+
+def at_time(env: simpy.Environment, t: float, phase: int) -> simpy.Event:
+    """An event at absolute time t >= now in the given phase. A run of steps whose end times were summed
+    one by one, as successive timeouts would have, lands exactly there (now + (t - now) could round)."""
+    ev = simpy.Event(env)
+    ev._ok = True
+    ev._value = None
+    heappush(env._queue, (t, phase, next(env._eid), ev))
     return ev

@@ -81,6 +81,8 @@ class BlockPool:
 
     def allocate(self, req: Request, num_tokens: int, hits: list[int] = ()) -> bool:
         """Make req's blocks cover num_tokens tokens (taking `hits` first); all or nothing."""
+        if not hits and -(-num_tokens // self.block_size) <= len(req.blocks):
+            return True                      # the common case: a decode token inside its last block
         if not self.can_allocate(req, num_tokens, hits):
             return False
         for b in hits:

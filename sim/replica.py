@@ -20,13 +20,14 @@ import numpy as np
 
 from servesim.hwmodels.step_time import BatchShape
 
-from .instant import COMPLETE, SCHEDULE, at
+from .instant import COMPLETE, SCHEDULE, at, at_time
 from .request import FINISHED
 
 
 class Replica:
     def __init__(self, env, index: int, scheduler, pool, model, metrics, *, max_model_len: int,
-                 check_invariants: bool = False, pp: int = 1, fast_decode: bool = True):
+                 check_invariants: bool = False, pp: int = 1, fast_decode: bool = True,
+                 stop_time: float = math.inf):
         self.env = env
         self.index = index
         self.scheduler = scheduler
@@ -45,6 +46,7 @@ class Replica:
         self._wakeup = None
         self._ids = getattr(model, "needs_ids", False)     # a model with per-request state (measured backend)
         self._release = getattr(model, "release", None)
+        self.stop_time = stop_time          # sim.max_sim_time_s: no step ending then or later is applied
         # runs of pure-decode steps skip the policy when it says they are steady (see _decode_run)
         self.fast_decode = (fast_decode and pp == 1 and not self._ids and hasattr(scheduler, "steady_decode")
                             and hasattr(model, "decode_steps"))
@@ -151,11 +153,11 @@ class Replica:
     def _decode_run(self):
         """Steps in which every running request decodes one token and nothing else changes: the same as
         scheduling each (steady_decode says the policy would pick exactly these), without the per-request
-        scheduling and completion work. Each step is still one timeout of the model's step time, so the
-        clock is the plain path's to the bit. The run stops before a step that would end at or after the
-        next event of the simulation (an arrival must see this step's state), before a request's last token
-        (its finish goes through _complete), and before a step whose new blocks do not fit (preemption
-        goes through the policy)."""
+        scheduling and completion work, and with one event for the whole run: the step end times are summed
+        one by one, as successive timeouts would, so the clock is the plain path's to the bit. The run stops
+        before a step that would end at or after the next event of the simulation (an arrival must see this
+        step's state) or the stop time, before a request's last token (its finish goes through _complete),
+        and before a step whose new blocks do not fit (preemption goes through the policy)."""
         env, pool, stats, metrics, itl = self.env, self.pool, self.stats, self.metrics, self.metrics.itl
         reqs = self.running
         for r in reqs:
@@ -167,40 +169,44 @@ class Replica:
             return
         b, bs = len(reqs), pool.block_size
         secs, flops, nbytes = self.model.decode_steps(ctx, k)
+        stop = min(env.peek(), self.stop_time)     # nothing else happens before then
+        opens = (ctx % bs == 0)                     # requests whose next token opens a block, as of step j
+        t = env.now
         j = 0
         while j < k:
-            now = env.now
             dt = float(secs[j])
-            if now + dt >= env.peek():
+            end = t + dt
+            if end >= stop:
                 break
-            pool.now = now
-            grow = np.flatnonzero((ctx + j) % bs == 0)       # requests whose new token opens a block
+            pool.now = t
+            if j:
+                opens = ((ctx + j) % bs == 0)
+            grow = np.flatnonzero(opens)
             if len(grow):
                 if len(grow) > pool.num_free:
                     break
                 for i in grow:
                     pool.allocate(reqs[i], int(ctx[i]) + j + 1)
-            metrics.sample(self.index, now, 0, b, pool.num_used)
+            metrics.sample(self.index, t, 0, b, pool.num_used)
             stats.iterations += 1
             stats.busy_s += dt
             stats.flops += float(flops[j])
             stats.bytes += float(nbytes[j])
             stats.decode_tokens += b
             stats.kv_block_seconds += pool.num_used * dt
-            yield env.timeout(dt)
-            end = env.now
             pool.now = end
-            itl.add_repeated(end - now, b)
+            itl.add_repeated(end - t, b)
             metrics.on_tokens(end, b)
+            t = end
             j += 1
         if j:
-            end = env.now
             for r in reqs:
                 r.num_computed += j
                 r.num_output += j
-                r.last_token = end
+                r.last_token = t
             if self.check_invariants:
                 pool.check(live=self.running)
+            yield at_time(env, t, COMPLETE)
 
     def _sleep(self):
         self._wakeup = self.env.event()

@@ -133,7 +133,7 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
                 step_model = measured()
             replicas.append(Replica(env, i, sched, pool, step_model, metrics, max_model_len=max_len,
                                     check_invariants=cfg.sim.check_invariants, pp=pp,
-                                    fast_decode=cfg.sim.fast_decode))
+                                    fast_decode=cfg.sim.fast_decode, stop_time=cfg.sim.max_sim_time_s or math.inf))
             infos.append(ReplicaInfo(i, name, gpu.name, model.name, tp, pp, n_gpus, price,
                                      n_gpus * gpu.peak_flops(g.dtype), n_gpus * gpu.mem_bw, blocks, e.block_size,
                                      plan.describe()))

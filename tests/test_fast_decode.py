@@ -105,3 +105,15 @@ def test_the_fast_path_really_runs():
     finally:
         rep.Replica._decode_run = orig
     assert calls["n"] > 0
+
+
+def test_a_run_cut_by_max_sim_time_stops_at_the_same_token():
+    """With sim.max_sim_time_s no step ending at or after the stop is applied, in either path."""
+    raw = _fast_base()
+    raw["workload"] = _synthetic(100, 4.0, out_hi=600)
+    raw["sim"]["max_sim_time_s"] = 7.3
+    res, df = _same(raw)
+    assert (df["outcome"] == "unfinished").any()
+    (rf, _), (rp, _) = _both(raw)
+    assert rf.metrics.itl.n == rp.metrics.itl.n
+    assert [r.num_output for r in rf.metrics.requests] == [r.num_output for r in rp.metrics.requests]
