@@ -144,7 +144,9 @@ class Replica:
             if self.pp == 1:
                 yield env.timeout(dt)
                 self._complete(batch, env.now)
-                if self.fast_decode and self.running and self.scheduler.steady_decode(self):
+                # a cheap test first: a next step as long as this one would already meet the next event
+                if (self.fast_decode and self.running and env.now + dt < env.peek()
+                        and self.scheduler.steady_decode(self)):
                     yield from self._decode_run()
             else:
                 self._launch(batch, now, dt)
@@ -168,10 +170,16 @@ class Replica:
         if k < 2:
             return
         b, bs = len(reqs), pool.block_size
-        secs, flops, nbytes = self.model.decode_steps(ctx, k)
         stop = min(env.peek(), self.stop_time)     # nothing else happens before then
-        opens = (ctx % bs == 0)                     # requests whose next token opens a block, as of step j
         t = env.now
+        # steps only grow longer (contexts grow), so at most (stop - t) / first step of them fit
+        first = self.model.step_time(BatchShape(decode_cached=ctx.tolist(), num_sampled=b)).seconds
+        if t + first >= stop:
+            return
+        if stop != math.inf:
+            k = min(k, int((stop - t) / first) + 1)
+        secs, flops, nbytes = self.model.decode_steps(ctx, k)
+        opens = (ctx % bs == 0)                     # requests whose next token opens a block, as of step j
         j = 0
         while j < k:
             dt = float(secs[j])
