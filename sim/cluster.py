@@ -17,8 +17,16 @@ class Cluster:
         self.admission = admission
         self.metrics = metrics
         self.rejections: dict[str, int] = {}
+        self._next_arrival = None        # open loop: exact time of the next arrival event; None: unknown
         for r in replicas:
             r.on_done = self._done
+            r.horizon = self.horizon
+
+    def horizon(self) -> float:
+        """Until when replicas may run ahead of other replicas' events (the fast decode path): nothing but an
+        arrival reads a replica's state (routing and admission do), and open-loop arrivals are known in
+        advance. With closed-loop clients any completion may bring one: the next event of any kind."""
+        return self._next_arrival if self._next_arrival is not None else self.env.peek()
 
     def submit(self, req: Request) -> None:
         now = self.env.now
@@ -55,8 +63,11 @@ class Cluster:
         arrival = w.arrival.tolist()
         for i, t in enumerate(arrival):
             if t > env.now:
+                self._next_arrival = env.now + (t - env.now)     # as SimPy will compute the event's time
                 yield at(env, t - env.now, ARRIVE)
+            self._next_arrival = env.now          # until this one is routed
             self.submit(self._make(w, i, env.now))
+        self._next_arrival = float("inf")
 
     def closed_loop(self, w):
         """N clients; each sends its next request think_time_s after the previous one ends."""

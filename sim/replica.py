@@ -47,6 +47,7 @@ class Replica:
         self._ids = getattr(model, "needs_ids", False)     # a model with per-request state (measured backend)
         self._release = getattr(model, "release", None)
         self.stop_time = stop_time          # sim.max_sim_time_s: no step ending then or later is applied
+        self.horizon = env.peek             # set by the cluster: until when nothing reads this replica's state
         # runs of pure-decode steps skip the policy when it says they are steady (see _decode_run)
         self.fast_decode = (fast_decode and pp == 1 and not self._ids and hasattr(scheduler, "steady_decode")
                             and hasattr(model, "decode_steps"))
@@ -145,7 +146,7 @@ class Replica:
                 yield env.timeout(dt)
                 self._complete(batch, env.now)
                 # a cheap test first: a next step as long as this one would already meet the next event
-                if (self.fast_decode and self.running and env.now + dt < env.peek()
+                if (self.fast_decode and self.running and env.now + dt < self.horizon()
                         and self.scheduler.steady_decode(self)):
                     yield from self._decode_run()
             else:
@@ -157,8 +158,8 @@ class Replica:
         scheduling each (steady_decode says the policy would pick exactly these), without the per-request
         scheduling and completion work, and with one event for the whole run: the step end times are summed
         one by one, as successive timeouts would, so the clock is the plain path's to the bit. The run stops
-        before a step that would end at or after the next event of the simulation (an arrival must see this
-        step's state) or the stop time, before a request's last token (its finish goes through _complete),
+        before a step that would end at or after the cluster's horizon (the next arrival, which routing must
+        show this replica's state at that instant; other replicas' steps do not look at it) or the stop time, before a request's last token (its finish goes through _complete),
         and before a step whose new blocks do not fit (preemption goes through the policy)."""
         env, pool, stats, metrics, itl = self.env, self.pool, self.stats, self.metrics, self.metrics.itl
         reqs = self.running
@@ -170,7 +171,7 @@ class Replica:
         if k < 2:
             return
         b, bs = len(reqs), pool.block_size
-        stop = min(env.peek(), self.stop_time)     # nothing else happens before then
+        stop = min(self.horizon(), self.stop_time)     # nothing reads this replica's state before then
         t = env.now
         # steps only grow longer (contexts grow), so at most (stop - t) / first step of them fit
         first = self.model.step_time(BatchShape(decode_cached=ctx.tolist(), num_sampled=b)).seconds
