@@ -90,7 +90,7 @@ def plot_cdfs(real_df: pd.DataFrame, sim_df: pd.DataFrame, out: Path) -> Path:
 
 
 def validate(cfg, base: Path | None, out: Path, recalibrate: bool = False) -> dict:
-    from servesim.sim.report import build_report, request_table, write_outputs
+    from servesim.sim.report import request_table, write_outputs
     from servesim.sim.run import simulate
 
     groups = cfg.fleet.replicas

@@ -26,7 +26,6 @@ import yaml
 from scipy.optimize import least_squares
 
 from .catalog import DATA, get_gpu
-from .memory import engine_constants
 from .ops import attention, attention_time, gemm, inter_node_bandwidth
 from .profile import PROFILES, LinkParams, OpParams
 

@@ -7,7 +7,6 @@ counts of iterations, preemptions and prefix-cache hits must be equal.
 import copy
 
 import numpy as np
-import pytest
 
 from conftest import BASE, run_raw
 
