@@ -34,6 +34,14 @@ def _same(raw):
     assert list(df_f["cached_prompt_tokens"]) == list(df_p["cached_prompt_tokens"])
     assert [s.iterations for s in res_f.metrics.replicas] == [s.iterations for s in res_p.metrics.replicas]
     assert res_f.metrics.itl.n == res_p.metrics.itl.n
+    # the time series and counters the report is built from
+    assert np.array_equal(res_f.metrics.tokens_per_bucket, res_p.metrics.tokens_per_bucket)
+    for a, b in zip(res_f.metrics.replicas, res_p.metrics.replicas):
+        assert len(a.samples) == len(b.samples)
+        np.testing.assert_allclose(np.array(a.samples, float), np.array(b.samples, float), rtol=1e-9)
+        assert (a.decode_tokens, a.prefill_tokens) == (b.decode_tokens, b.prefill_tokens)
+        np.testing.assert_allclose([a.busy_s, a.kv_block_seconds, a.flops, a.bytes],
+                                   [b.busy_s, b.kv_block_seconds, b.flops, b.bytes], rtol=1e-9)
     return res_f, df_f
 
 
