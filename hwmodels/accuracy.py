@@ -20,9 +20,9 @@ from .memory import engine_constants
 from .profile import _fitted, link_params, op_params, profile_for
 
 
-def _stack_entry(gpu: str, cls: str, stack: str) -> dict | None:
+def _stack_entry(fitted: dict, gpu: str, cls: str, stack: str) -> dict | None:
     """The fitted entry of (GPU, class) for a stack, if the profile has one."""
-    f = _fitted().get(gpu, {}).get(cls)
+    f = fitted.get(gpu, {}).get(cls)
     if not f:
         return None
     return f if f.get("stack", stack) == stack else (f.get("other_stacks") or {}).get(stack)
@@ -32,6 +32,7 @@ def evaluate(path: Path = KERNELS) -> pd.DataFrame:
     df = reference_rows(path)
     alpha = engine_constants()["collective_latency_s"]
     profiles: dict = {}
+    fitted = _fitted()
     pred, used = [], []
     for r in df.itertuples():
         if not isinstance(r.cls, str):
@@ -40,8 +41,8 @@ def evaluate(path: Path = KERNELS) -> pd.DataFrame:
             continue
         gpu = get_gpu(r.gpu_name)
         prof = profiles.get(gpu.name) or profiles.setdefault(gpu.name, profile_for(gpu, alpha))
-        f = _stack_entry(gpu.name, r.cls, r.stack)
-        main = _fitted().get(gpu.name, {}).get(r.cls) or {}
+        f = _stack_entry(fitted, gpu.name, r.cls, r.stack)
+        main = fitted.get(gpu.name, {}).get(r.cls) or {}
         used.append(f is None or f is main)
         if r.cls in LINK_CLASSES:
             link = link_params(f) if f else prof.link(r.cls)
@@ -60,9 +61,9 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """By GPU, op class and software stack: rows priced, median and p90 absolute percentage error, median
     bias, whether the simulator prices with this stack, whether it is fitted, and the fit's leave-one-out
     median error."""
-    out = []
+    out, fitted = [], _fitted()
     for (gpu, cls, stack), g in df[df["cls"].notna()].groupby(["gpu_name", "cls", "stack"]):
-        f = _stack_entry(gpu, cls, stack)
+        f = _stack_entry(fitted, gpu, cls, stack)
         out.append({"gpu": gpu, "op_class": cls, "stack": stack, "used": bool(g["simulator_stack"].iloc[0]),
                     "rows": len(g), "median_ape_%": 100 * g["ape"].median(), "p90_ape_%": 100 * g["ape"].quantile(0.9),
                     "median_pred/meas": float(np.exp(g["log_ratio"].median())),

@@ -29,7 +29,7 @@ import yaml
 from servesim.sim.errors import ConfigError
 
 from .catalog import user_profile_dir
-from .fit import _fit_ops, _predict
+from .fit import _entry, _fit_ops, _predict
 from .ops import attention, gemm
 
 # m = 1 is timed on its own class (gemv): BLAS libraries run it as a GEMV, without packing the weights
@@ -153,13 +153,7 @@ def fit_device(raw: pd.DataFrame, name: str, backend: str, device: str, versions
         naive = cls.startswith("attn")          # measured.attend materializes the score matrix
         p = _fit_ops(g, cls, dev, naive)
         ape = np.abs(_predict(cls, p, g, dev) / g["seconds"].to_numpy() - 1)
-        classes[cls] = {"compute_efficiency": round(p.compute_efficiency, 4),
-                        "memory_efficiency": round(p.memory_efficiency, 4),
-                        "compute_offset_us": round(p.compute_offset_s * 1e6, 4),
-                        "memory_offset_us": round(p.memory_offset_s * 1e6, 4),
-                        **({"seq_overhead": round(p.seq_overhead, 3), "naive_attention": True}
-                           if naive else {}),
-                        "rows": int(len(g)), "median_ape_pct": round(100 * float(np.median(ape)), 2),
+        classes[cls] = {**_entry(cls, p), "rows": int(len(g)), "median_ape_pct": round(100 * float(np.median(ape)), 2),
                         "p90_ape_pct": round(100 * float(np.percentile(ape, 90)), 2)}
     return {
         "source": f"servesim calibrate --backend {backend} --device {device}",

@@ -186,6 +186,7 @@ def n_params(cls: str, rows: int) -> int:
 
 
 def _entry(cls: str, params) -> dict:
+    """The profile-file entry of fitted parameters (profile.op_params / link_params read it back)."""
     if cls in LINK_CLASSES:
         return {"protocols": [{"alpha_us": round(float(a) * 1e6, 4), "bw_efficiency": round(float(e), 4),
                                "base_us": round(float(c) * 1e6, 4)} for a, e, c in params]}
@@ -195,6 +196,8 @@ def _entry(cls: str, params) -> dict:
              "memory_offset_us": round(params.memory_offset_s * 1e6, 4)}
     if cls.startswith("attn"):
         entry["seq_overhead"] = round(params.seq_overhead, 3)
+    if params.naive:
+        entry["naive_attention"] = True
     return entry
 
 

@@ -181,7 +181,8 @@ def swiglu(be, gu):
 
 
 class _Seq:
-    """One request's KV cache: K and V per layer, [kv_heads, capacity, head_dim], `length` tokens valid."""
+    """One request's KV cache: K and V per layer, [kv_heads, capacity, head_dim]; `length` tokens were
+    written by the last forward pass (positions come from the scheduler's cached counts, not from here)."""
     __slots__ = ("k", "v", "length")
 
     def __init__(self, be, layers: int, kv_heads: int, head_dim: int, capacity: int):
@@ -226,9 +227,8 @@ class MeasuredModel:
     def _ensure(self, rid, cached: int, new: int):
         seq = self.seqs.get(rid)
         need = cached + new
-        if seq is None:
+        if seq is None:      # a request seen first with cached > 0 starts from prefix-cache hits
             seq = self.seqs[rid] = _Seq(self.be, self.layers, self.K, self.d, max(2 * need, 64))
-            seq.length = cached   # prefix-cache hits: those tokens' K and V are in the pool already
         elif seq.k[0].shape[1] < need:
             cap = max(2 * seq.k[0].shape[1], need)
             for lst in (seq.k, seq.v):
@@ -236,9 +236,6 @@ class MeasuredModel:
                     b = self.be.zeros(self.K, cap, self.d)
                     b[:, :a.shape[1]] = a
                     lst[j] = b
-        if seq.length != cached:
-            # recompute after preemption starts from 0; a prefix hit on a known request cannot shrink it
-            seq.length = cached
         return seq
 
     def release(self, rid) -> None:
@@ -258,9 +255,7 @@ class MeasuredModel:
         ends = np.cumsum([n for _, _, n in work])
         sample_rows = self.be.asarray((ends - 1)[-batch.num_sampled:] if batch.num_sampled else ends[:0])
         runs = 2 if self.steps < self.warmup_steps else 1
-        for _ in range(runs):
-            for seq, c, _ in work:
-                seq.length = c
+        for _ in range(runs):      # a rerun writes the same K and V rows again: positions come from `work`
             self.be.sync()
             t0 = time.perf_counter()
             self._forward(work, tokens, cos, sin, ends, sample_rows)

@@ -231,15 +231,8 @@ class RooflineModel:
             f_all += L * fs
             b_all += L * bs
         if nd:
-            p = self.p_dec
-            s0 = p.seq_overhead
-            ctx = sum(batch.decode_cached) + nd                       # sum of KV lengths L_i
-            fs = 4.0 * hd * ctx
-            bs = ctx * kv_tok + nd * qo
-            fe = 4.0 * hd * (ctx + nd * s0)
-            be = bs + nd * s0 * kv_tok + (ctx * self.heads * ab if p.naive else 0.0)
-            t += L * max(fe / (peak16 * p.compute_efficiency) + p.compute_offset_s,
-                         be / (bw * p.memory_efficiency) + p.memory_offset_s)
+            ta, fs, bs = self._decode_attention(sum(batch.decode_cached) + nd, nd)
+            t += ta
             f_all += L * fs
             b_all += L * bs
         mem(self.p_add, 3 * T * h * ab, 2 * L)
@@ -262,23 +255,28 @@ class RooflineModel:
         g = self.tp  # ops are per GPU; the replica's FLOPs and bytes are tp x those (MFU over all GPUs)
         return StepTime(t + self.overhead_s, g * f_all, g * b_all)
 
+    def _decode_attention(self, C, nd, maximum=max):
+        """Decode attention of nd sequences whose KV lengths sum to C: seconds over all layers, useful FLOPs
+        and bytes of one layer. C may be an array of such sums (with maximum=np.maximum): decode_steps."""
+        p, s0, kv_tok = self.p_dec, self.p_dec.seq_overhead, self.kv_tok
+        fs = 4.0 * self.hd * C
+        bs = C * kv_tok + nd * 2 * self.hd * self.ab
+        fe = 4.0 * self.hd * (C + nd * s0)
+        be = bs + nd * s0 * kv_tok
+        if p.naive:                                  # ops.attention_time: the score row is written out
+            be = be + C * self.heads * self.ab
+        t = self.layers * maximum(fe / (self.peak16 * p.compute_efficiency) + p.compute_offset_s,
+                                  be / (self.bw * p.memory_efficiency) + p.memory_offset_s)
+        return t, fs, bs
+
     def decode_steps(self, ctx, k: int):
         """k consecutive pure-decode steps in closed form (a test holds them equal to step_time one by one):
         from one step to the next only the decode attention changes, its KV lengths summing b more."""
         b = len(ctx)
         st = self.step_time(BatchShape(decode_cached=ctx.tolist(), num_sampled=b))
-        p, L, j = self.p_dec, self.layers, np.arange(k, dtype=float)
-        s0 = p.seq_overhead
-        C = float(ctx.sum()) + b + b * j                                 # sum of KV lengths at each step
-        fe = 4.0 * self.hd * (C + b * s0)
-        be = C * self.kv_tok + b * 2 * self.hd * self.ab + b * s0 * self.kv_tok
-        if p.naive:
-            be = be + C * self.heads * self.ab
-        attn = L * np.maximum(fe / (self.peak16 * p.compute_efficiency) + p.compute_offset_s,
-                              be / (self.bw * p.memory_efficiency) + p.memory_offset_s)
+        C = float(ctx.sum()) + b + b * np.arange(k, dtype=float)      # sum of KV lengths at each step
+        attn, fs, bs = self._decode_attention(C, b, np.maximum)
         secs = st.seconds + (attn - attn[0])
         secs[0] = st.seconds
-        g = self.tp
-        flops = st.flops + g * L * 4.0 * self.hd * b * j
-        nbytes = st.bytes + g * L * self.kv_tok * b * j
-        return secs, flops, nbytes
+        g, L = self.tp, self.layers
+        return secs, st.flops + g * L * (fs - fs[0]), st.bytes + g * L * (bs - bs[0])

@@ -65,7 +65,6 @@ class Cluster:
             if t > env.now:
                 self._next_arrival = env.now + (t - env.now)     # as SimPy will compute the event's time
                 yield at(env, t - env.now, ARRIVE)
-            self._next_arrival = env.now          # until this one is routed
             self.submit(self._make(w, i, env.now))
         self._next_arrival = float("inf")
 

@@ -76,6 +76,16 @@ class ReplicaStats:
     samples: list = field(default_factory=list)  # (t, waiting, running, kv_used_blocks)
     last_sample: float = -math.inf
 
+    def add_step(self, dt: float, flops: float, nbytes: float, prefill: int, decode: int, kv_used: int) -> None:
+        """One engine iteration that kept the replica busy dt seconds with kv_used blocks referenced."""
+        self.iterations += 1
+        self.busy_s += dt
+        self.flops += flops
+        self.bytes += nbytes
+        self.prefill_tokens += prefill
+        self.decode_tokens += decode
+        self.kv_block_seconds += kv_used * dt
+
 
 class Metrics:
     def __init__(self, num_replicas: int, sample_interval_s: float, bucket_s: float = 1.0):

@@ -135,13 +135,7 @@ class Replica:
             metrics.sample(self.index, now, len(self.waiting), self.num_running, pool.num_used)
             st = self.model.step_time(shape)
             dt = st.seconds if self.pp == 1 else st.seconds / self.pp   # time until the first stage is free
-            stats.iterations += 1
-            stats.busy_s += dt
-            stats.flops += st.flops
-            stats.bytes += st.bytes
-            stats.prefill_tokens += sum(shape.prefill_new)
-            stats.decode_tokens += len(shape.decode_cached)
-            stats.kv_block_seconds += pool.num_used * dt
+            stats.add_step(dt, st.flops, st.bytes, sum(shape.prefill_new), len(shape.decode_cached), pool.num_used)
             if self.pp == 1:
                 yield env.timeout(dt)
                 self._complete(batch, env.now)
@@ -158,9 +152,10 @@ class Replica:
         scheduling each (steady_decode says the policy would pick exactly these), without the per-request
         scheduling and completion work, and with one event for the whole run: the step end times are summed
         one by one, as successive timeouts would, so the clock is the plain path's to the bit. The run stops
-        before a step that would end at or after the cluster's horizon (the next arrival, which routing must
-        show this replica's state at that instant; other replicas' steps do not look at it) or the stop time, before a request's last token (its finish goes through _complete),
-        and before a step whose new blocks do not fit (preemption goes through the policy)."""
+        before a step that would end at or after the cluster's horizon (the next arrival: routing must see this
+        replica's state at that instant; other replicas' steps do not look at it) or the stop time, before a
+        request's last token (its finish goes through _complete), and before a step whose new blocks do not
+        fit (preemption goes through the policy)."""
         env, pool, stats, metrics, itl = self.env, self.pool, self.stats, self.metrics, self.metrics.itl
         reqs = self.running
         for r in reqs:
@@ -180,7 +175,6 @@ class Replica:
         if stop != math.inf:
             k = min(k, int((stop - t) / first) + 1)
         secs, flops, nbytes = self.model.decode_steps(ctx, k)
-        opens = (ctx % bs == 0)                     # requests whose next token opens a block, as of step j
         j = 0
         while j < k:
             dt = float(secs[j])
@@ -188,21 +182,14 @@ class Replica:
             if end >= stop:
                 break
             pool.now = t
-            if j:
-                opens = ((ctx + j) % bs == 0)
-            grow = np.flatnonzero(opens)
+            grow = np.flatnonzero((ctx + j) % bs == 0)     # requests whose token of this step opens a block
             if len(grow):
                 if len(grow) > pool.num_free:
                     break
                 for i in grow:
                     pool.allocate(reqs[i], int(ctx[i]) + j + 1)
             metrics.sample(self.index, t, 0, b, pool.num_used)
-            stats.iterations += 1
-            stats.busy_s += dt
-            stats.flops += float(flops[j])
-            stats.bytes += float(nbytes[j])
-            stats.decode_tokens += b
-            stats.kv_block_seconds += pool.num_used * dt
+            stats.add_step(dt, float(flops[j]), float(nbytes[j]), 0, b, pool.num_used)
             pool.now = end
             itl.add_repeated(end - t, b)
             metrics.on_tokens(end, b)
