@@ -77,9 +77,14 @@ class ModelSpec:
         return self.num_experts > 0
 
 
+def load_yaml(path) -> dict:
+    """A data file, parsed with libyaml where PyYAML has it (5-10x faster than the pure-Python loader)."""
+    with open(path) as f:
+        return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def _load(name: str) -> dict:
-    with open(DATA / name) as f:
-        return yaml.safe_load(f)
+    return load_yaml(DATA / name)
 
 
 def _resolve(table: dict, key: str, what: str) -> str:
@@ -120,8 +125,7 @@ def _profile_documents(dirs: tuple) -> list[dict]:
     for d in dirs:
         for p in sorted(d.glob("*.yaml")) if d.is_dir() else []:
             try:
-                with open(p) as f:
-                    doc = yaml.safe_load(f) or {}
+                doc = load_yaml(p) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f"{p}: not a valid profile: {e}") from None
             docs.append(doc)

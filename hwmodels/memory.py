@@ -5,17 +5,14 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-import yaml
-
 from servesim.sim.errors import CapacityError
 
-from .catalog import DATA, GIB, GPU, ModelSpec
+from .catalog import DATA, GIB, GPU, ModelSpec, load_yaml
 
 
 @lru_cache(maxsize=None)
 def engine_constants() -> dict:
-    with open(DATA / "engine.yaml") as f:
-        return {k: v["value"] for k, v in yaml.safe_load(f).items()}
+    return {k: v["value"] for k, v in load_yaml(DATA / "engine.yaml").items()}
 
 
 def dtype_bytes(dtype: str) -> int:

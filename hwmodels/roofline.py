@@ -89,6 +89,7 @@ class RooflineModel:
         self.ar_inter_bw = inter_node_bandwidth("all_reduce_inter", gpu.inter_node_bw, per) if self.tp_inter else 0.0
         self.pp_inter_hops = sum(((k + 1) * tp - 1) // per != ((k + 1) * tp) // per for k in range(pp - 1)) if per else 0
         self.pp_intra_hops = pp - 1 - self.pp_inter_hops
+        self._dense_memo: dict = {}          # (tokens, sampled) -> _dense(): the model is immutable once built
 
     # --- one op each; used by breakdown() -------------------------------------------------
     def _gemm(self, T, n_out, n_in, out_bytes=2):
@@ -181,15 +182,51 @@ class RooflineModel:
 
     def step_time(self, batch: BatchShape) -> StepTime:
         """The sum of breakdown(), computed without building it (a test holds the two equal): this runs
-        once per simulated iteration, so decode attention uses its closed form over sum(context), and
-        gemm() and OpParams.time are written out inline (calling them costs ~17% of a whole run)."""
+        once per simulated iteration, so everything that depends only on the token counts is memoized
+        (_dense), and decode attention uses its closed form over sum(context)."""
         nd = len(batch.decode_cached)
         T = sum(batch.prefill_new) + nd
         if T == 0:
             return StepTime(self.overhead_s, 0.0, 0.0)
+        S = batch.num_sampled
+        dense = self._dense_memo.get((T, S))
+        if dense is None:
+            if len(self._dense_memo) >= 1 << 16:      # unchunked long prompts: keep the memo bounded
+                self._dense_memo.clear()
+            dense = self._dense_memo[(T, S)] = self._dense(T, S)
+        t, f_all, b_all = dense
+        L = self.layers
+        if batch.prefill_new:
+            p = self.p_pre
+            hd, kv_tok, qo = self.hd, self.kv_tok, 2 * self.hd * self.ab
+            s0 = p.seq_overhead
+            fs = bs = fe = sq = 0.0
+            for n, c in zip(batch.prefill_new, batch.prefill_cached):
+                f = 4.0 * hd * n * (c + (n + 1) / 2)
+                fs += f
+                bs += (c + n) * kv_tok + n * qo
+                if p.naive:                      # ops.attention_time: the whole score square
+                    f = 4.0 * hd * n * (c + n)
+                    sq += n * (c + n)
+                fe += f * (1 + s0 / (c + n))
+            be = bs + len(batch.prefill_new) * s0 * kv_tok + sq * self.heads * self.ab
+            t += L * max(fe / (self.peak16 * p.compute_efficiency) + p.compute_offset_s,
+                         be / (self.bw * p.memory_efficiency) + p.memory_offset_s)
+            f_all += self.tp * L * fs
+            b_all += self.tp * L * bs
+        if nd:
+            ta, fs, bs = self._decode_attention(sum(batch.decode_cached) + nd, nd)
+            t += ta
+            f_all += self.tp * L * fs
+            b_all += self.tp * L * bs
+        return StepTime(t, f_all, b_all)
+
+    def _dense(self, T: int, S: int) -> tuple[float, float, float]:
+        """Everything in a step of T tokens sampling S of them but attention: (seconds incl. the CPU
+        overhead, FLOPs and bytes over all tp GPUs)."""
         m, L, ab = self.model, self.layers, self.ab
         h = m.hidden_size
-        peak, peak16, bw = self.peak, self.peak16, self.bw
+        peak, bw = self.peak, self.bw
         t = f_all = b_all = 0.0
 
         def mem(p, nbytes, times):
@@ -212,29 +249,6 @@ class RooflineModel:
         for _, n_out, n_in, times in self.gemms:
             gemm_op(T, n_out, n_in, times)
         mem(self.p_rope, T * self.rope_width * ab, L)
-        hd, kv_tok, qo = self.hd, self.kv_tok, 2 * self.hd * ab
-        if batch.prefill_new:
-            p = self.p_pre
-            s0 = p.seq_overhead
-            fs = bs = fe = sq = 0.0
-            for n, c in zip(batch.prefill_new, batch.prefill_cached):
-                f = 4.0 * hd * n * (c + (n + 1) / 2)
-                fs += f
-                bs += (c + n) * kv_tok + n * qo
-                if p.naive:                      # ops.attention_time: the whole score square
-                    f = 4.0 * hd * n * (c + n)
-                    sq += n * (c + n)
-                fe += f * (1 + s0 / (c + n))
-            be = bs + len(batch.prefill_new) * s0 * kv_tok + sq * self.heads * ab
-            t += L * max(fe / (peak16 * p.compute_efficiency) + p.compute_offset_s,
-                         be / (bw * p.memory_efficiency) + p.memory_offset_s)
-            f_all += L * fs
-            b_all += L * bs
-        if nd:
-            ta, fs, bs = self._decode_attention(sum(batch.decode_cached) + nd, nd)
-            t += ta
-            f_all += L * fs
-            b_all += L * bs
         mem(self.p_add, 3 * T * h * ab, 2 * L)
         if m.is_moe:
             Lm = self.moe_layers
@@ -247,13 +261,12 @@ class RooflineModel:
             t += (1 if self.ep else 2) * L * self._all_reduce(T * h * ab)
         if self.pp > 1:
             t += self._send_recv(T * h * ab)
-        S = batch.num_sampled
         if S:
             mem(self.p_norm, 2 * S * h * ab, 1)
             gemm_op(S, m.vocab_size / self.tp, h, 1, out_bytes=4)
             mem(self.p_add, 2 * S * m.vocab_size * 4, 1)
         g = self.tp  # ops are per GPU; the replica's FLOPs and bytes are tp x those (MFU over all GPUs)
-        return StepTime(t + self.overhead_s, g * f_all, g * b_all)
+        return t + self.overhead_s, g * f_all, g * b_all
 
     def _decode_attention(self, C, nd, maximum=max):
         """Decode attention of nd sequences whose KV lengths sum to C: seconds over all layers, useful FLOPs

@@ -45,11 +45,20 @@ class ContinuousBatching:
         out = []
         running, pool = q.running, q.pool
         preempted = False
+        bs = pool.block_size
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
-            n = min(req.num_tokens - req.num_computed, budget)
-            while not pool.allocate(req, req.num_computed + n):
+            c = req.num_computed
+            n = req.prompt_tokens + req.num_output - c      # req.num_tokens - c, written out: the hot loop
+            if n > budget:
+                n = budget
+            if -(-(c + n) // bs) <= len(req.blocks):         # fits in its blocks: pool.allocate's first test
+                out.append((req, n))
+                budget -= n
+                i += 1
+                continue
+            while not pool.allocate(req, c + n):
                 victim = running.pop()
                 q.preempt(victim)
                 preempted = True

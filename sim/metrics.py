@@ -20,29 +20,47 @@ class StreamingHistogram:
         self.total = 0.0
         self.max = 0.0
         self._buf: list[float] = []
+        self._runs: list = []               # (values, times each) from add_array
+        self._run_len = 0
 
     def add(self, x: float) -> None:
         self._buf.append(x)
         if len(self._buf) >= 65536:
             self.flush()
 
-    def add_repeated(self, x: float, n: int) -> None:
-        self._buf.extend([x] * n)
+    def add_list(self, xs: list) -> None:
+        self._buf.extend(xs)
         if len(self._buf) >= 65536:
             self.flush()
 
+    def add_array(self, v: np.ndarray, n: int) -> None:
+        """Each value of v, n times (a run of decode steps: one gap per step, for each of n sequences)."""
+        if len(v):
+            self._runs.append((v, n))
+            self._run_len += len(v)
+            if self._run_len >= 65536:
+                self.flush()
+
     def flush(self) -> None:
-        if not self._buf:
-            return
-        v = np.asarray(self._buf)
-        self._buf = []
-        self.n += v.size
-        self.total += float(v.sum())
+        if self._buf:
+            v = np.asarray(self._buf, dtype=float)
+            self._buf = []
+            self._bin(v, None)
+        if self._runs:
+            v = np.concatenate([r[0] for r in self._runs])
+            w = np.repeat([r[1] for r in self._runs], [len(r[0]) for r in self._runs])
+            self._runs, self._run_len = [], 0
+            self._bin(v, w)
+
+    def _bin(self, v: np.ndarray, w: np.ndarray | None) -> None:
+        """Count v (each value w times, once without w)."""
+        self.n += v.size if w is None else int(w.sum())
+        self.total += float(v.sum() if w is None else (v * w).sum())
         self.max = max(self.max, float(v.max()))
         with np.errstate(divide="ignore"):
             idx = np.floor(np.log10(np.maximum(v, 1e-300) / self.LO) * self.PER_DECADE).astype(np.int64) + 1
         np.clip(idx, 0, self.counts.size - 1, out=idx)
-        self.counts += np.bincount(idx, minlength=self.counts.size)
+        self.counts += np.bincount(idx, weights=w, minlength=self.counts.size).astype(np.int64)
 
     def quantile(self, q: float) -> float:
         self.flush()
@@ -86,6 +104,21 @@ class ReplicaStats:
         self.decode_tokens += decode
         self.kv_block_seconds += kv_used * dt
 
+    def add_steps(self, dt, flops, nbytes, prefill: int, decode: int, kv_used) -> None:
+        """add_step for each element of the arrays, summed one by one as add_step would (np.add.accumulate
+        adds left to right), so the totals are the per-step path's to the bit."""
+        def seq(total, values):
+            return float(np.add.accumulate(np.concatenate(([total], values)))[-1])
+
+        n = len(dt)
+        self.iterations += n
+        self.busy_s = seq(self.busy_s, dt)
+        self.flops = seq(self.flops, flops)
+        self.bytes = seq(self.bytes, nbytes)
+        self.prefill_tokens += prefill * n
+        self.decode_tokens += decode * n
+        self.kv_block_seconds = seq(self.kv_block_seconds, kv_used * dt)
+
 
 class Metrics:
     def __init__(self, num_replicas: int, sample_interval_s: float, bucket_s: float = 1.0):
@@ -121,6 +154,25 @@ class Metrics:
             grow[: self.tokens_per_bucket.size] = self.tokens_per_bucket
             self.tokens_per_bucket = grow
         self.tokens_per_bucket[b] += n
+
+    def on_tokens_array(self, times: np.ndarray, n: int) -> None:
+        """on_tokens(t, n) for each t in times."""
+        b = (times / self.bucket_s).astype(np.int64)
+        self.on_tokens(float(times[-1]), 0)               # grows the buckets to the last one
+        np.add.at(self.tokens_per_bucket, b, n)
+
+    def sample_steps(self, i: int, times: np.ndarray, waiting: int, running: int, kv_used: np.ndarray) -> None:
+        """sample() at each of the (increasing) times, with the same test, so the same samples are kept."""
+        st = self.replicas[i]
+        j = 0
+        while True:
+            due = np.flatnonzero(times[j:] - st.last_sample >= self.sample_interval_s)
+            if not len(due):
+                return
+            j += int(due[0])
+            st.samples.append((float(times[j]), waiting, running, int(kv_used[j])))
+            st.last_sample = float(times[j])
+            j += 1
 
     def sample(self, i: int, now: float, waiting: int, running: int, kv_used: int, force: bool = False) -> None:
         st = self.replicas[i]

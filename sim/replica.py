@@ -118,20 +118,25 @@ class Replica:
                 raise RuntimeError(f"replica {self.index}: nothing schedulable with {len(self.waiting)} waiting "
                                    f"and {len(self.running)} running at t={now}; this is a servesim bug")
             shape = BatchShape()
+            decode, pre_new, pre_cached = shape.decode_cached, shape.prefill_new, shape.prefill_cached
+            sampled = 0
             for req, n in batch:
                 if req.first_scheduled != req.first_scheduled:  # NaN: first time
                     req.first_scheduled = now
-                if n == 1 and req.num_output and req.num_computed == req.num_tokens - 1:
-                    shape.decode_cached.append(req.num_computed)
+                c = req.num_computed
+                left = req.prompt_tokens + req.num_output - c  # req.num_tokens - c
+                if n == 1 and left == 1 and req.num_output:
+                    decode.append(c)
                     if self._ids:
                         shape.decode_ids.append(req.id)
                 else:
-                    shape.prefill_new.append(n)
-                    shape.prefill_cached.append(req.num_computed)
+                    pre_new.append(n)
+                    pre_cached.append(c)
                     if self._ids:
                         shape.prefill_ids.append(req.id)
-                if req.num_computed + n == req.num_tokens:
-                    shape.num_sampled += 1
+                if n == left:
+                    sampled += 1
+            shape.num_sampled = sampled
             metrics.sample(self.index, now, len(self.waiting), self.num_running, pool.num_used)
             st = self.model.step_time(shape)
             dt = st.seconds if self.pp == 1 else st.seconds / self.pp   # time until the first stage is free
@@ -156,16 +161,16 @@ class Replica:
         replica's state at that instant; other replicas' steps do not look at it) or the stop time, before a
         request's last token (its finish goes through _complete), and before a step whose new blocks do not
         fit (preemption goes through the policy)."""
-        env, pool, stats, metrics, itl = self.env, self.pool, self.stats, self.metrics, self.metrics.itl
+        env, pool, metrics = self.env, self.pool, self.metrics
         reqs = self.running
         for r in reqs:
-            if r.num_output == 0 or r.num_computed != r.num_tokens - 1:
+            if r.num_computed != r.prompt_tokens + r.num_output - 1 or not r.num_output:   # not decoding
                 return
-        ctx = np.array([r.num_computed for r in reqs], dtype=np.int64)   # tokens cached before this step
+        b, bs = len(reqs), pool.block_size
+        ctx = np.fromiter((r.num_computed for r in reqs), np.int64, b)   # tokens cached before the first step
         k = min(r.output_tokens - r.num_output for r in reqs) - 1
         if k < 2:
             return
-        b, bs = len(reqs), pool.block_size
         stop = min(self.horizon(), self.stop_time)     # nothing reads this replica's state before then
         t = env.now
         # steps only grow longer (contexts grow), so at most (stop - t) / first step of them fit
@@ -175,34 +180,42 @@ class Replica:
         if stop != math.inf:
             k = min(k, int((stop - t) / first) + 1)
         secs, flops, nbytes = self.model.decode_steps(ctx, k)
-        j = 0
-        while j < k:
-            dt = float(secs[j])
-            end = t + dt
-            if end >= stop:
-                break
-            pool.now = t
-            grow = np.flatnonzero((ctx + j) % bs == 0)     # requests whose token of this step opens a block
-            if len(grow):
-                if len(grow) > pool.num_free:
-                    break
-                for i in grow:
-                    pool.allocate(reqs[i], int(ctx[i]) + j + 1)
-            metrics.sample(self.index, t, 0, b, pool.num_used)
-            stats.add_step(dt, float(flops[j]), float(nbytes[j]), 0, b, pool.num_used)
-            pool.now = end
-            itl.add_repeated(end - t, b)
-            metrics.on_tokens(end, b)
-            t = end
-            j += 1
-        if j:
-            for r in reqs:
-                r.num_computed += j
-                r.num_output += j
-                r.last_token = t
-            if self.check_invariants:
-                pool.check(live=self.running)
-            yield at_time(env, t, COMPLETE)
+        # ends[j] is when step j starts, ends[j + 1] when it ends: sequential sums, as successive timeouts
+        ends = np.add.accumulate(np.concatenate(([t], secs)))
+        n = int(np.searchsorted(ends[1:], stop, side="left"))          # steps ending before stop
+        # step j gives request i a new block when its token lands on a block boundary: (ctx_i + j) % bs == 0
+        steps = ((-ctx) % bs)[:, None] + bs * np.arange(-(-n // bs))[None, :]
+        inside = steps < n
+        grow_j = steps[inside]
+        grow_i = np.broadcast_to(np.arange(b)[:, None], steps.shape)[inside]
+        order = np.lexsort((grow_i, grow_j))                            # step by step, running order within
+        grow_j, grow_i = grow_j[order], grow_i[order]
+        used = np.cumsum(np.bincount(grow_j, minlength=n))               # new blocks by the end of each step
+        short = np.flatnonzero(used > pool.num_free)                   # nothing is freed during the run
+        if len(short):
+            n = int(short[0])                                          # that step's blocks do not fit
+            keep = grow_j < n
+            grow_j, grow_i = grow_j[keep], grow_i[keep]
+        if n == 0:
+            return
+        starts = ends.tolist()
+        for j, i in zip(grow_j.tolist(), grow_i.tolist()):
+            pool.now = starts[j]
+            pool.append_block(reqs[i])
+        kv_used = (pool.num_used - len(grow_j)) + used[:n]             # blocks referenced during each step
+        metrics.sample_steps(self.index, ends[:n], 0, b, kv_used)
+        self.stats.add_steps(secs[:n], flops[:n], nbytes[:n], 0, b, kv_used)
+        metrics.itl.add_array(np.diff(ends[: n + 1]), b)
+        metrics.on_tokens_array(ends[1 : n + 1], b)
+        t = float(ends[n])
+        pool.now = t
+        for r in reqs:
+            r.num_computed += n
+            r.num_output += n
+            r.last_token = t
+        if self.check_invariants:
+            pool.check(live=self.running)
+        yield at_time(env, t, COMPLETE)
 
     def _sleep(self):
         self._wakeup = self.env.event()
@@ -233,17 +246,20 @@ class Replica:
         pool.now = now
         sampled = 0
         finished = []
+        gaps = []
+        caching = pool.caching
         for req, n in batch:
             old = req.num_computed
             req.num_computed = old + n
-            pool.register_full_blocks(req, old, req.num_computed)
-            if req.num_computed == req.num_tokens:
+            if caching:
+                pool.register_full_blocks(req, old, old + n)
+            if old + n == req.prompt_tokens + req.num_output:     # req.num_tokens
                 req.num_output += 1
                 sampled += 1
                 if req.num_output == 1:
                     req.first_token = now
                 else:
-                    itl.add(now - req.last_token)
+                    gaps.append(now - req.last_token)
                 req.last_token = now
                 if req.num_output == req.output_tokens:
                     req.finish = now
@@ -252,6 +268,7 @@ class Replica:
                     if self._release:
                         self._release(req.id)
                     finished.append(req)
+        itl.add_list(gaps)
         if finished:
             self.running = [r for r in self.running if r.outcome != FINISHED]
             for req in finished:
