@@ -1,4 +1,7 @@
-"""Admission control at the cluster's front door: None admits, a string is the rejection reason."""
+"""Admission control at the cluster's front door: None admits, a string is the rejection reason.
+
+`reads_kv_state = False`: the policy reads only queue counts (see policies/routing.py).
+"""
 from __future__ import annotations
 
 from typing import Protocol
@@ -11,12 +14,16 @@ class AdmissionPolicy(Protocol):
 class AcceptAll:
     """Admit everything (vLLM's behaviour: the queue is unbounded)."""
 
+    reads_kv_state = False
+
     def admit(self, request, cluster, now):
         return None
 
 
 class MaxQueue:
     """Reject when the cluster already holds max_waiting requests that have not started."""
+
+    reads_kv_state = False
 
     def __init__(self, max_waiting: int):
         self.max_waiting = max_waiting

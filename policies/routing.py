@@ -2,6 +2,11 @@
 
 A view offers: index, num_waiting, num_running, outstanding (waiting + running), kv_free_fraction.
 Ties always go to the lowest index, so routing is deterministic.
+
+`reads_kv_state = False` says a router reads only queue counts (waiting, running, outstanding), which a
+run of decode steps does not change: replicas may then advance such runs past arrivals and cut them
+when a request reaches them (sim/decode_run.py). A router without the attribute is assumed to read
+KV state, and every arrival bounds the runs.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ class Router(Protocol):
 class RoundRobin:
     """Cycle through replicas in order."""
 
+    reads_kv_state = False
+
     def __init__(self, rng=None):
         self._next = 0
 
@@ -27,6 +34,8 @@ class RoundRobin:
 class Random:
     """Uniformly random replica (from the run's seeded generator)."""
 
+    reads_kv_state = False
+
     def __init__(self, rng):
         self.rng = rng
 
@@ -37,13 +46,11 @@ class Random:
 class LeastOutstanding:
     """Fewest requests waiting or running (the join-shortest-queue rule of most LLM routers)."""
 
+    reads_kv_state = False
+
     def __init__(self, rng=None):
         pass
 
     def route(self, request, replicas, now):
-        best, best_n = 0, None
-        for i, r in enumerate(replicas):
-            n = r.outstanding
-            if best_n is None or n < best_n:
-                best, best_n = i, n
-        return best
+        loads = [r.outstanding for r in replicas]
+        return loads.index(min(loads))           # the first of the least loaded

@@ -5,6 +5,8 @@ arrivals fire in the ARRIVE phase of their instant (sim/instant.py), after steps
 """
 from __future__ import annotations
 
+import math
+
 from .instant import ARRIVE, at
 from .request import REJECTED, Request
 
@@ -18,28 +20,34 @@ class Cluster:
         self.metrics = metrics
         self.rejections: dict[str, int] = {}
         self._next_arrival = None        # open loop: exact time of the next arrival event; None: unknown
+        self.counts_only = not (getattr(router, "reads_kv_state", True) or getattr(admission, "reads_kv_state", True))
+        self.max_request_tokens = max(r.max_request_tokens for r in replicas)
         for r in replicas:
             r.on_done = self._done
             r.horizon = self.horizon
 
     def horizon(self) -> float:
-        """Until when replicas may run ahead of other replicas' events (the fast decode path): nothing but an
-        arrival reads a replica's state (routing and admission do), and open-loop arrivals are known in
-        advance. With closed-loop clients any completion may bring one: the next event of any kind."""
+        """Until when replicas may run ahead of other replicas' events (the fast decode path). Nothing but an
+        arrival reads a replica's state (routing and admission do). When they read only queue counts, which
+        a decode run leaves alone, a run goes on until an arrival reaches its replica and cuts it
+        (Replica.add). Otherwise runs stop at the next arrival: known in advance for open-loop arrivals;
+        with closed-loop clients any completion may bring one, so the next event of any kind."""
+        if self.counts_only:
+            return math.inf
         return self._next_arrival if self._next_arrival is not None else self.env.peek()
 
     def submit(self, req: Request) -> None:
         now = self.env.now
         self.metrics.on_arrival(req, now)
-        reasons = [r.fits(req) for r in self.replicas]
-        if all(reasons):
-            return self._reject(req, reasons[0], now)
+        if req.total_tokens > self.max_request_tokens:       # fits no replica
+            return self._reject(req, self.replicas[0].fits(req), now)
         reason = self.admission.admit(req, self, now)
         if reason:
             return self._reject(req, reason, now)
         i = self.router.route(req, self.replicas, now)
-        if reasons[i]:
-            return self._reject(req, reasons[i], now)
+        reason = self.replicas[i].fits(req)
+        if reason:
+            return self._reject(req, reason, now)
         self.replicas[i].add(req)
 
     def _reject(self, req: Request, reason: str, now: float) -> None:

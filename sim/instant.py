@@ -36,3 +36,11 @@ def at_time(env: simpy.Environment, t: float, phase: int) -> simpy.Event:
     ev._value = None
     heappush(env._queue, (t, phase, next(env._eid), ev))
     return ev
+
+
+def move(env: simpy.Environment, ev: simpy.Event, t: float, phase: int) -> simpy.Event:
+    """Reschedule a pending at/at_time event to fire at t (>= now) instead: its waiters move to a new event
+    and the old one fires with nobody waiting (SimPy cannot take an event out of its queue)."""
+    new = at_time(env, t, phase)
+    new.callbacks, ev.callbacks = ev.callbacks, []
+    return new

@@ -20,7 +20,8 @@ class BlockPool:
         self.eviction = eviction
         self.ref = [0] * num_blocks
         self.hash: list = [None] * num_blocks
-        self.last_used = [0.0] * num_blocks
+        self.last_used = [0.0] * num_blocks   # when taken or freed: read by eviction keys only (not kept on
+                                              # free without caching, where no block is ever evicted)
         self.hits = [0] * num_blocks
         self.cached_since = [0.0] * num_blocks
         self.by_hash: dict = {}
@@ -119,6 +120,13 @@ class BlockPool:
     def free(self, req: Request) -> None:
         """Release req's blocks; the tail first, so an LRU evicts a prefix's tail before its head."""
         ref, now = self.ref, self.now
+        if not self.caching:                  # no sharing: each block is referenced once, none is hashed
+            for b in req.blocks:
+                ref[b] = 0
+            self.free_plain.extend(reversed(req.blocks))
+            self.num_used -= len(req.blocks)
+            req.blocks = []
+            return
         for b in reversed(req.blocks):
             ref[b] -= 1
             if ref[b] == 0:

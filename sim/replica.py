@@ -16,11 +16,10 @@ from __future__ import annotations
 import math
 from collections import deque
 
-import numpy as np
-
 from servesim.hwmodels.step_time import BatchShape
 
-from .instant import COMPLETE, SCHEDULE, at, at_time
+from .decode_run import DecodeRun
+from .instant import COMPLETE, SCHEDULE, at, at_time, move
 from .request import FINISHED
 
 
@@ -43,12 +42,14 @@ class Replica:
         self.stage_free = [0.0] * pp         # when each pipeline stage finishes its current micro-batch
         self.flying: list = []               # micro-batches in the pipeline (pp > 1)
         self.num_flying = 0                  # requests in them
+        self.outstanding = 0                 # waiting + running + flying: changes on add and on finish only
         self._wakeup = None
+        self._run = self._run_end = None     # the decode run in progress and the event that ends it
         self._ids = getattr(model, "needs_ids", False)     # a model with per-request state (measured backend)
         self._release = getattr(model, "release", None)
         self.stop_time = stop_time          # sim.max_sim_time_s: no step ending then or later is applied
         self.horizon = env.peek             # set by the cluster: until when nothing reads this replica's state
-        # runs of pure-decode steps skip the policy when it says they are steady (see _decode_run)
+        # runs of pure-decode steps skip the policy when it says they are steady (sim/decode_run.py)
         self.fast_decode = (fast_decode and pp == 1 and not self._ids and hasattr(scheduler, "steady_decode")
                             and hasattr(model, "decode_steps"))
         self.on_done = None                 # cluster callback(req, now)
@@ -63,9 +64,6 @@ class Replica:
     def num_running(self) -> int:
         return len(self.running) + self.num_flying
 
-    @property
-    def outstanding(self) -> int:
-        return len(self.waiting) + len(self.running) + self.num_flying
 
     @property
     def kv_free_fraction(self) -> float:
@@ -78,10 +76,18 @@ class Replica:
             return "exceeds_kv_capacity"
         return None
 
+    @property
+    def max_request_tokens(self) -> int:
+        """The longest request (prompt + output) that fits() accepts."""
+        return min(self.max_model_len, self.pool.num_blocks * self.pool.block_size)
+
     # --- queue operations used by the batching policy -----------------------------------
     def add(self, req) -> None:
         req.replica = self.index
         self.waiting.append(req)
+        self.outstanding += 1
+        if self._run is not None and self._run.cut(self.env.now):
+            self._run_end = move(self.env, self._run_end, self._run.end, COMPLETE)
         self._wake()
 
     def _wake(self) -> None:
@@ -147,75 +153,17 @@ class Replica:
                 # a cheap test first: a next step as long as this one would already meet the next event
                 if (self.fast_decode and self.running and env.now + dt < self.horizon()
                         and self.scheduler.steady_decode(self)):
-                    yield from self._decode_run()
+                    run = DecodeRun.plan(self, min(self.horizon(), self.stop_time))
+                    if run is not None:
+                        self._run, self._run_end = run, at_time(env, run.end, COMPLETE)
+                        yield self._run_end             # moved earlier if an arrival cuts the run (add)
+                        self._run = None
+                        run.commit(self)
+                        if self.check_invariants:
+                            pool.check(live=self.running)
             else:
                 self._launch(batch, now, dt)
                 yield env.timeout(self.stage_free[0] - now)
-
-    def _decode_run(self):
-        """Steps in which every running request decodes one token and nothing else changes: the same as
-        scheduling each (steady_decode says the policy would pick exactly these), without the per-request
-        scheduling and completion work, and with one event for the whole run: the step end times are summed
-        one by one, as successive timeouts would, so the clock is the plain path's to the bit. The run stops
-        before a step that would end at or after the cluster's horizon (the next arrival: routing must see this
-        replica's state at that instant; other replicas' steps do not look at it) or the stop time, before a
-        request's last token (its finish goes through _complete), and before a step whose new blocks do not
-        fit (preemption goes through the policy)."""
-        env, pool, metrics = self.env, self.pool, self.metrics
-        reqs = self.running
-        for r in reqs:
-            if r.num_computed != r.prompt_tokens + r.num_output - 1 or not r.num_output:   # not decoding
-                return
-        b, bs = len(reqs), pool.block_size
-        ctx = np.fromiter((r.num_computed for r in reqs), np.int64, b)   # tokens cached before the first step
-        k = min(r.output_tokens - r.num_output for r in reqs) - 1
-        if k < 2:
-            return
-        stop = min(self.horizon(), self.stop_time)     # nothing reads this replica's state before then
-        t = env.now
-        # steps only grow longer (contexts grow), so at most (stop - t) / first step of them fit
-        first = self.model.step_time(BatchShape(decode_cached=ctx.tolist(), num_sampled=b)).seconds
-        if t + first >= stop:
-            return
-        if stop != math.inf:
-            k = min(k, int((stop - t) / first) + 1)
-        secs, flops, nbytes = self.model.decode_steps(ctx, k)
-        # ends[j] is when step j starts, ends[j + 1] when it ends: sequential sums, as successive timeouts
-        ends = np.add.accumulate(np.concatenate(([t], secs)))
-        n = int(np.searchsorted(ends[1:], stop, side="left"))          # steps ending before stop
-        # step j gives request i a new block when its token lands on a block boundary: (ctx_i + j) % bs == 0
-        steps = ((-ctx) % bs)[:, None] + bs * np.arange(-(-n // bs))[None, :]
-        inside = steps < n
-        grow_j = steps[inside]
-        grow_i = np.broadcast_to(np.arange(b)[:, None], steps.shape)[inside]
-        order = np.lexsort((grow_i, grow_j))                            # step by step, running order within
-        grow_j, grow_i = grow_j[order], grow_i[order]
-        used = np.cumsum(np.bincount(grow_j, minlength=n))               # new blocks by the end of each step
-        short = np.flatnonzero(used > pool.num_free)                   # nothing is freed during the run
-        if len(short):
-            n = int(short[0])                                          # that step's blocks do not fit
-            keep = grow_j < n
-            grow_j, grow_i = grow_j[keep], grow_i[keep]
-        if n == 0:
-            return
-        starts = ends.tolist()
-        for j, i in zip(grow_j.tolist(), grow_i.tolist()):
-            pool.now = starts[j]
-            pool.append_block(reqs[i])
-        kv_used = (pool.num_used - len(grow_j)) + used[:n]             # blocks referenced during each step
-        metrics.sample_steps(self.index, ends[:n], 0, b, kv_used)
-        self.stats.add_steps(secs[:n], flops[:n], nbytes[:n], 0, b, kv_used)
-        metrics.itl.add_array(np.diff(ends[: n + 1]), b)
-        metrics.on_tokens_array(ends[1 : n + 1], b)
-        t = float(ends[n])
-        pool.now = t
-        for r in reqs:
-            r.num_computed += n
-            r.num_output += n
-            r.last_token = t
-        if self.check_invariants:
-            pool.check(live=self.running)
-        yield at_time(env, t, COMPLETE)
 
     def _sleep(self):
         self._wakeup = self.env.event()
@@ -271,6 +219,7 @@ class Replica:
         itl.add_list(gaps)
         if finished:
             self.running = [r for r in self.running if r.outcome != FINISHED]
+            self.outstanding -= len(finished)
             for req in finished:
                 self.on_done(req, now)
         self.metrics.on_tokens(now, sampled)
@@ -281,3 +230,4 @@ class Replica:
                 assert len(r.blocks) >= math.ceil(r.num_computed / pool.block_size), r
             for r in self.waiting:
                 assert not r.blocks and r.num_computed == 0, r
+            assert self.outstanding == len(self.waiting) + len(live)

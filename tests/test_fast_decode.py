@@ -95,23 +95,65 @@ def test_closed_loop_clients_and_static_batching():
     _same(raw)
 
 
-def test_the_fast_path_really_runs():
-    """A decode-heavy scenario: most iterations go through the fast path (not one step at a time)."""
-    raw = _fast_base()
-    raw["workload"] = _synthetic(50, 2.0, out_hi=400)
-    from servesim.sim import replica as rep
-    calls = {"n": 0}
-    orig = rep.Replica._decode_run
+def _count_fast_steps(raw):
+    """Run raw with the fast path on; return (result, steps committed by decode runs, runs cut by arrivals)."""
+    from servesim.sim import decode_run as dr
+    counts = {"steps": 0, "cuts": 0}
+    commit, cut = dr.DecodeRun.commit, dr.DecodeRun.cut
 
-    def counting(self):
-        calls["n"] += 1
-        return (yield from orig(self))
-    rep.Replica._decode_run = counting
+    def counting_commit(self, replica):
+        counts["steps"] += self.n
+        return commit(self, replica)
+
+    def counting_cut(self, t):
+        shorter = cut(self, t)
+        counts["cuts"] += shorter
+        return shorter
+    dr.DecodeRun.commit, dr.DecodeRun.cut = counting_commit, counting_cut
     try:
         res, _ = run_raw(raw)
     finally:
-        rep.Replica._decode_run = orig
-    assert calls["n"] > 0
+        dr.DecodeRun.commit, dr.DecodeRun.cut = commit, cut
+    return res, counts["steps"], counts["cuts"]
+
+
+def test_the_fast_path_really_runs():
+    """A decode-heavy scenario: most iterations go through decode runs, not one step at a time."""
+    raw = _fast_base()
+    raw["workload"] = _synthetic(50, 2.0, out_hi=400)
+    res, steps, _ = _count_fast_steps(raw)
+    iterations = sum(s.iterations for s in res.metrics.replicas)
+    assert steps > 0.8 * iterations, (steps, iterations)
+
+
+def test_runs_go_past_arrivals_to_other_replicas_and_are_cut_by_their_own():
+    """With count-only routing a run is not bounded by arrivals elsewhere in the fleet: on 8 replicas the
+    runs are cut by arrivals (the plain path's timestamps still hold), and far fewer events are needed than
+    when every arrival bounds every run."""
+    raw = _fast_base()
+    raw["fleet"]["replicas"][0]["count"] = 8
+    raw["policies"] = {"routing": {"name": "round_robin"}}
+    raw["workload"] = _synthetic(400, 40.0, out_hi=300)
+    _same(raw)
+    res, steps, cuts = _count_fast_steps(raw)
+    assert cuts > 0
+    iterations = sum(s.iterations for s in res.metrics.replicas)
+    assert steps > 0.8 * iterations, (steps, iterations)
+    assert res.events < 0.2 * iterations, (res.events, iterations)
+
+
+def test_arrivals_that_coincide_with_step_ends():
+    """Steps of exactly 1/8 s and arrivals every 1/2 s: arrivals land on step ends and on run starts, where
+    the same-instant order (steps end, then arrivals are routed, then batches form) decides who runs."""
+    raw = _fast_base()
+    raw["fleet"]["replicas"][0].update(count=2, perf_model={"name": "linear", "base_s": 0.125})
+    raw["policies"] = {"routing": {"name": "least_outstanding"}}
+    raw["workload"] = {"kind": "synthetic", "num_requests": 120, "arrival": {"process": "constant", "rate": 2.0},
+                       "lengths": {"kind": "independent", "input": {"dist": "uniform", "low": 10, "high": 40},
+                                   "output": {"dist": "uniform", "low": 2, "high": 60}}}
+    res, df = _same(raw)
+    ends = df["first_scheduled_s"].to_numpy()
+    assert np.all(ends * 8 == np.round(ends * 8))        # the timeline is on the 1/8 s grid: ties happen
 
 
 def test_a_run_cut_by_max_sim_time_stops_at_the_same_token():
