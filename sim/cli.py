@@ -258,6 +258,49 @@ def compare(baseline: Path = typer.Argument(..., help="report.json, a run folder
 
 
 @app.command()
+@friendly
+def sweep(spec: Path = typer.Argument(..., help="sweep YAML: base config, grid and/or random keys, seeds"),
+          out: Path = typer.Option(..., "-o", "--out", help="sweep folder (re-running it resumes)"),
+          executor: str = typer.Option("local", help="local (a process pool) or ray"),
+          jobs: Optional[int] = typer.Option(None, "-j", "--jobs", help="parallel runs (default: all cores)"),
+          address: Optional[str] = typer.Option(None, help="with --executor ray: join this cluster (e.g. auto)"),
+          plots: bool = typer.Option(False, "--plots", help="write each point's PNG plots (slower)")):
+    """Run every point of a sweep not run yet; write results.csv and results.parquet (one row per point)."""
+    from servesim.experiments.sweep import run_sweep
+    if executor not in ("local", "ray"):
+        raise typer.BadParameter(f"--executor must be local or ray, not {executor!r}")
+    table, ran = run_sweep(spec, out, executor=executor, jobs=jobs, address=address, plots=plots)
+    failed = table[table["status"] != "ok"]
+    print(f"{len(table)} points: {ran} run now, {len(table) - ran} already done; {len(failed)} failed")
+    for _, row in failed.iterrows():
+        print(f"  {row['point']}: {row['error']}")
+    print(f"wrote {out}/results.csv, {out}/results.parquet, {out}/points/")
+    if len(failed):
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
+def plan(spec: Path = typer.Argument(..., help="plan YAML: workload, SLO targets, candidate replica groups"),
+         out: Path = typer.Option(Path("runs/plan"), "-o", "--out", help="folder for plan.csv, evaluated.csv, pareto.png"),
+         jobs: Optional[int] = typer.Option(None, "-j", "--jobs", help="candidates searched in parallel (default: all cores)"),
+         rate_scale: float = typer.Option(1.0, help="what-if: arrival rate x this"),
+         prompt_scale: float = typer.Option(1.0, help="what-if: prompt lengths x this (trace workloads)"),
+         trace: Optional[str] = typer.Option(None, help="what-if: replay this trace instead (path or bundled:NAME)")):
+    """Fewest replicas of each candidate that meet the SLO targets, sorted by $/hour, with a Pareto plot."""
+    from servesim.experiments.plan import run_plan
+    if rate_scale <= 0 or prompt_scale <= 0:
+        raise typer.BadParameter("--rate-scale and --prompt-scale must be positive")
+    table, evaluated = run_plan(spec, out, jobs=jobs, rate_scale=rate_scale, prompt_scale=prompt_scale, trace=trace)
+    cols = ["candidate", "gpu", "tp", "replicas", "gpus", "usd_per_hour", "usd_per_1m_output_tokens", "attainment",
+            "ttft_p99_ms", "tpot_p99_ms", "evaluations"]
+    print(table[[c for c in cols if c in table]].to_string(index=False, float_format=lambda v: f"{v:,.3g}"))
+    for _, r in table[~table["meets"]].iterrows():
+        print(f"{r['candidate']}: misses the targets even at the largest count tried")
+    print(f"{len(evaluated)} fleets simulated; wrote {out}/plan.csv, {out}/evaluated.csv, {out}/pareto.png")
+
+
+@app.command()
 def policies():
     """List every policy by kind, as configured under `policies:`, with a one-line description."""
     from servesim.policies import registry

@@ -347,35 +347,41 @@ def apply_override(raw: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
     key, value = assignment.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"--set {assignment!r}: empty segment in key path {key!r}")
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {assignment!r}: value is not valid YAML: {e}") from None
+    set_path(raw, key.strip(), parsed, what="--set ")
+
+
+def set_path(raw: dict, key: str, value, what: str = "") -> None:
+    """raw[a][b][c] = value for key "a.b.c", creating sections on the way; list items by index."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"{what}{key!r}: empty segment in key path")
     node = raw
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[:i]) or 'root'} is a list of {len(node)}; "
+                raise ConfigError(f"{what}{key}: {'.'.join(parts[:i]) or 'root'} is a list of {len(node)}; "
                                   f"{part!r} is not a valid index")
             part = int(part)
             if last:
-                node[part] = parsed
+                node[part] = value
             else:
                 node = node[part]
         elif isinstance(node, dict):
             if last:
-                node[part] = parsed
+                node[part] = value
             else:
                 node = node.setdefault(part, {})
         else:
-            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section")
+            raise ConfigError(f"{what}{key}: {'.'.join(parts[:i])} is a value, not a section")
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[Config, Path]:
+def load_raw(path: str | Path) -> dict:
+    """A config file's raw mapping, with errors that name the file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -385,6 +391,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[Config, Pa
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (fleet, workload, ...)")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[Config, Path]:
+    p = Path(path)
+    raw = load_raw(p)
     for o in overrides:
         apply_override(raw, o)
     return parse_config(raw, str(path)), p.parent
