@@ -36,7 +36,9 @@ def run(config: Path = typer.Argument(..., help="YAML config file"),
         set_: List[str] = typer.Option([], "--set", help="override a key: --set fleet.replicas.0.count=8"),
         seed: Optional[int] = typer.Option(None, help="override the config's seed"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar, no summary"),
-        no_plots: bool = typer.Option(False, "--no-plots", help="skip the PNG plots")):
+        no_plots: bool = typer.Option(False, "--no-plots", help="skip the PNG plots"),
+        trace_events: Optional[Path] = typer.Option(None, "--trace-events", help="write every iteration as a "
+                                                    "Chrome/Perfetto trace (open in ui.perfetto.dev)")):
     """Simulate a config and write report.json, requests.csv, summary.md and plots."""
     from .config import load_config
     from .report import summary_markdown, write_outputs
@@ -54,9 +56,13 @@ def run(config: Path = typer.Argument(..., help="YAML config file"),
 
             def progress(t, done, total):
                 bar.update(task, completed=done, total=total, info=f"sim t={t:,.0f}s  requests done {done:,}")
-            result = simulate(cfg, base, progress)
+            result = simulate(cfg, base, progress, trace_steps=trace_events is not None)
     else:
-        result = simulate(cfg, base)
+        result = simulate(cfg, base, trace_steps=trace_events is not None)
+    if trace_events is not None:
+        n = result.metrics.trace.write(trace_events, [f"{r.gpu}/{r.model} tp{r.tp}" for r in result.replicas])
+        if not quiet:
+            Console().print(f"wrote {trace_events} ({n:,} iterations)")
     rep = write_outputs(result, out, plots=cfg.output.plots and not no_plots)
     if not quiet:
         from rich.markdown import Markdown

@@ -96,6 +96,8 @@ class DecodeRun:
             kv_used = (pool.num_used - len(grow_j)) + self.used[:n]     # blocks referenced during each step
             metrics.sample_steps(replica.index, ends[:n], 0, b, kv_used)
             replica.stats.add_steps(self.secs[:n], self.flops[:n], self.nbytes[:n], 0, b, kv_used)
+            if metrics.trace is not None:
+                metrics.trace.steps(replica.index, ends[:n], self.secs[:n], 0, b, kv_used, 0, b)
             metrics.itl.add_array(np.diff(ends[: n + 1]), b)
             metrics.on_tokens_array(ends[1 : n + 1], b)
         t = float(ends[n])

@@ -132,6 +132,7 @@ class Metrics:
         self.in_system = 0
         self.done = 0                   # finished or rejected
         self.in_system_integral = 0.0
+        self.trace = None               # a StepTrace when every iteration is recorded (--trace-events)
         self._last_change = 0.0
 
     def _in_system_step(self, now: float, delta: int) -> None:

@@ -146,7 +146,10 @@ class Replica:
             metrics.sample(self.index, now, len(self.waiting), self.num_running, pool.num_used)
             st = self.model.step_time(shape)
             dt = st.seconds if self.pp == 1 else st.seconds / self.pp   # time until the first stage is free
-            stats.add_step(dt, st.flops, st.bytes, sum(shape.prefill_new), len(shape.decode_cached), pool.num_used)
+            stats.add_step(dt, st.flops, st.bytes, sum(pre_new), len(decode), pool.num_used)
+            if metrics.trace is not None:
+                metrics.trace.step(self.index, now, dt, sum(pre_new), len(decode), pool.num_used, len(self.waiting),
+                                   self.num_running)
             if self.pp == 1:
                 yield env.timeout(dt)
                 self._complete(batch, env.now)

@@ -145,12 +145,17 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
     return cluster, replicas, infos, workload
 
 
-def simulate(cfg: Config, base_dir: Path | None = None, progress=None, measured_reference: bool = False) -> RunResult:
+def simulate(cfg: Config, base_dir: Path | None = None, progress=None, measured_reference: bool = False,
+             trace_steps: bool = False) -> RunResult:
     """Run to completion (or sim.max_sim_time_s). progress(sim_time, requests_done, total) is called every 16k events.
-    measured_reference: measured replicas also price each step with the roofline model (servesim validate)."""
+    measured_reference: measured replicas also price each step with the roofline model (servesim validate).
+    trace_steps: record every iteration in metrics.trace (sim/trace_events.py)."""
     t0 = time.perf_counter()
     env = simpy.Environment()
     metrics = Metrics(sum(g.count for g in cfg.fleet.replicas), cfg.output.sample_interval_s)
+    if trace_steps:
+        from .trace_events import StepTrace
+        metrics.trace = StepTrace()
     cluster, replicas, infos, workload = build(cfg, base_dir, env, metrics, measured_reference)
     if workload.arrival is not None:
         env.process(cluster.open_loop(workload))
