@@ -40,9 +40,28 @@ class ContinuousBatching:
         without calling schedule() (sim/replica.py, fast decode)."""
         return not q.waiting and len(q.running) <= self.budget
 
+    # --- what the subclasses change ---------------------------------------------------------
+    def key(self, req, now: float):
+        """Admission order among waiting requests (smallest first; ties by queue position); None: FCFS."""
+        return None
+
+    def victim(self, running: list, i: int, now: float) -> int:
+        """Which running request to preempt, among those not yet given tokens this step (index >= i, the
+        request at i included): the most recently admitted (vLLM), or the largest key where there is one."""
+        if self.key(running[i], now) is None:
+            return len(running) - 1
+        return max(range(i, len(running)), key=lambda j: (self.key(running[j], now), j))
+
     def schedule(self, q, now: float) -> list:
+        out: list = []
+        budget, preempted = self._schedule_running(q, now, out)
+        if preempted:
+            return out
+        self._admit(q, now, budget, out)
+        return out
+
+    def _schedule_running(self, q, now: float, out: list) -> tuple[int, bool]:
         budget = self.budget
-        out = []
         running, pool = q.running, q.pool
         preempted = False
         bs = pool.block_size
@@ -59,20 +78,22 @@ class ContinuousBatching:
                 i += 1
                 continue
             while not pool.allocate(req, c + n):
-                victim = running.pop()
+                victim = running.pop(self.victim(running, i, now))
                 q.preempt(victim)
                 preempted = True
                 if victim is req:
-                    break
-            else:
-                out.append((req, n))
-                budget -= n
-                i += 1
-        if preempted:
-            return out
-        waiting = q.waiting
+                    return budget, preempted                # as vLLM: no more running requests this step
+            out.append((req, n))
+            budget -= n
+            i += 1
+        return budget, preempted
+
+    def _admit(self, q, now: float, budget: int, out: list) -> None:
+        waiting, running, pool = q.waiting, q.running, q.pool
+        ordered = self.key(waiting[0], now) is not None if waiting else False
         while waiting and budget > 0 and self.can_admit(q):
-            req = waiting[0]
+            j = min(range(len(waiting)), key=lambda k: (self.key(waiting[k], now), k)) if ordered else 0
+            req = waiting[j]
             hits = pool.lookup(req, req.num_tokens - 1)    # at least one token must be computed
             cached = len(hits) * pool.block_size
             n = req.num_tokens - cached
@@ -83,13 +104,12 @@ class ContinuousBatching:
                     n = budget
             if not pool.allocate(req, cached + n, hits):
                 break
-            waiting.popleft()
+            del waiting[j]
             running.append(req)
             req.num_computed = cached
             req.num_cached_tokens = max(req.num_cached_tokens, cached)
             out.append((req, n))
             budget -= n
-        return out
 
 
 class StaticBatching(ContinuousBatching):
@@ -107,3 +127,79 @@ class StaticBatching(ContinuousBatching):
 
     def can_admit(self, q) -> bool:
         return self._forming and q.num_running < self.max_num_seqs
+
+
+class PrefillFirst(ContinuousBatching):
+    """vLLM v0's default scheduler: whenever a waiting request can be admitted, the iteration runs prompts
+    only (whole, as many as the budget and max_num_seqs allow) and the running decodes pause; otherwise it
+    decodes. Low TTFT, at the price of decode stalls (TPOT spikes) that Sarathi-Serve's mixed batches
+    avoid. Reference: Kwon et al., SOSP 2023 (vLLM); Agrawal et al., OSDI 2024 (Sarathi-Serve) for the
+    contrast."""
+
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, enable_chunked_prefill: bool = False):
+        super().__init__(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill=False)
+
+    def schedule(self, q, now: float) -> list:
+        out: list = []
+        self._admit(q, now, self.budget, out)
+        return out or super().schedule(q, now)
+
+
+class PriorityClasses(ContinuousBatching):
+    """Continuous batching that admits by priority class (lower number first; the request's SLO class
+    names it, unlisted classes get 0), FCFS within a class, and preempts the lowest-priority request
+    first (the latest admitted among equals). As vLLM's `--scheduling-policy priority`."""
+
+    def __init__(self, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill=True, priorities=None):
+        super().__init__(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+        self.priorities = dict(priorities or {})
+
+    def key(self, req, now):
+        return (self.priorities.get(req.slo_class, 0), req.arrival)
+
+
+class EarliestDeadlineFirst(ContinuousBatching):
+    """Admits the request whose first-token deadline (arrival + its class's TTFT SLO) is earliest; requests
+    of classes without a TTFT SLO come after every deadline, FCFS. Preempts the latest deadline first.
+    Reference: Liu and Layland, JACM 1973 (EDF); deadline-aware LLM scheduling as in SLOs-Serve and
+    Andes (Liu et al., 2024)."""
+
+    def __init__(self, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill=True, ttft_s=None):
+        super().__init__(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+        self.ttft_s = dict(ttft_s or {})
+
+    @classmethod
+    def from_config(cls, engine, params, cfg, rng):
+        ttft = {n: c.ttft_ms / 1000.0 for n, c in cfg.slo.classes.items() if c.ttft_ms is not None}
+        return cls(engine.max_num_seqs, engine.max_num_batched_tokens, engine.enable_chunked_prefill, ttft_s=ttft)
+
+    def key(self, req, now):
+        return (req.arrival + self.ttft_s.get(req.slo_class, float("inf")), req.arrival)
+
+
+class ShortestJobFirst(ContinuousBatching):
+    """Admits the request with the shortest predicted output first (FCFS among equals), preempts the longest.
+    predictor `oracle` knows each output length; `noisy` multiplies it by a lognormal error of standard
+    deviation noise_sigma (in log space), drawn once per request from the run's generator, as a learned
+    length predictor would err. Long requests can starve under sustained load, as with any SJF.
+    Reference: Fu et al., "Efficient LLM Scheduling by Learning to Rank", NeurIPS 2024; Qiu et al.,
+    "Efficient Interactive LLM Serving with Proxy Model-based Sequence Length Prediction", 2024."""
+
+    def __init__(self, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill=True, predictor="oracle",
+                 noise_sigma=0.5, rng=None):
+        super().__init__(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+        self.noisy = predictor == "noisy"
+        self.sigma, self.rng = noise_sigma, rng
+        self.predicted: dict[int, float] = {}     # request id -> predicted output tokens (drawn once)
+
+    @classmethod
+    def from_config(cls, engine, params, cfg, rng):
+        return cls(engine.max_num_seqs, engine.max_num_batched_tokens, engine.enable_chunked_prefill, rng=rng,
+                   **params)
+
+    def key(self, req, now):
+        p = self.predicted.get(req.id)
+        if p is None:
+            p = req.output_tokens * (float(self.rng.lognormal(0.0, self.sigma)) if self.noisy else 1.0)
+            self.predicted[req.id] = p
+        return (p, req.arrival)

@@ -6,15 +6,25 @@ from . import admission, batching, eviction, routing
 BATCHING = {
     "continuous": (batching.ContinuousBatching, "vLLM v1 continuous batching with a token budget (chunked prefill optional)"),
     "static": (batching.StaticBatching, "request-level batching: a new batch only when the previous one has drained"),
+    "prefill_first": (batching.PrefillFirst, "vLLM v0: whole prompts first, decodes pause while any can be admitted"),
+    "priority": (batching.PriorityClasses, "admit by SLO-class priority, preempt the lowest priority first"),
+    "edf": (batching.EarliestDeadlineFirst, "admit by first-token deadline (arrival + class TTFT SLO)"),
+    "sjf": (batching.ShortestJobFirst, "admit the shortest predicted output first (oracle or noisy predictor)"),
 }
 ROUTING = {
     "round_robin": (routing.RoundRobin, "cycle through replicas"),
     "random": (routing.Random, "uniformly random replica"),
     "least_outstanding": (routing.LeastOutstanding, "fewest waiting + running requests"),
+    "least_kv": (routing.LeastKVUsage, "most free KV-cache blocks"),
+    "power_of_two": (routing.PowerOfTwoChoices, "the less loaded of two random replicas"),
+    "prefix_aware": (routing.PrefixAware, "longest cached prompt prefix, least loaded when imbalanced (SGLang)"),
+    "session_affinity": (routing.SessionAffinity, "consistent hashing of the session id (sticky conversations)"),
 }
 ADMISSION = {
     "accept_all": (admission.AcceptAll, "admit every request"),
     "max_queue": (admission.MaxQueue, "reject when the cluster-wide waiting queue is full"),
+    "token_bucket": (admission.TokenBucket, "per-tenant token buckets on request tokens (rate limiting)"),
+    "slo_shedding": (admission.SLOShedding, "reject when the predicted TTFT exceeds the class's TTFT SLO"),
 }
 EVICTION = {
     "lru": (eviction.LRU, "least recently used cached block first"),

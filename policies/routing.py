@@ -1,7 +1,8 @@
 """Routers pick the replica for each admitted request from read-only replica views.
 
-A view offers: index, num_waiting, num_running, outstanding (waiting + running), kv_free_fraction.
-Ties always go to the lowest index, so routing is deterministic.
+A view offers: index, num_waiting, num_running, outstanding (waiting + running), kv_free_fraction,
+cached_prefix_tokens(request). Ties go to the lowest index; random choices come from the run's seeded
+generator, so routing is reproducible.
 
 `reads_kv_state = False` says a router reads only queue counts (waiting, running, outstanding), which a
 run of decode steps does not change: replicas may then advance such runs past arrivals and cut them
@@ -10,6 +11,8 @@ KV state, and every arrival bounds the runs.
 """
 from __future__ import annotations
 
+import bisect
+import hashlib
 from typing import Protocol
 
 
@@ -54,3 +57,97 @@ class LeastOutstanding:
     def route(self, request, replicas, now):
         loads = [r.outstanding for r in replicas]
         return loads.index(min(loads))           # the first of the least loaded
+
+
+class LeastKVUsage:
+    """Most free KV-cache blocks (as a fraction of the replica's pool): spreads memory pressure, as
+    KV-utilization scorers in llm-d's scheduler and AIBrix do."""
+
+    reads_kv_state = True
+
+    def __init__(self, rng=None):
+        pass
+
+    def route(self, request, replicas, now):
+        free = [r.kv_free_fraction for r in replicas]
+        return free.index(max(free))
+
+
+class PowerOfTwoChoices:
+    """Two distinct replicas drawn at random, the one with fewer outstanding requests taken (Mitzenmacher,
+    "The power of two choices in randomized load balancing", IEEE TPDS 2001): most of join-shortest-queue's
+    benefit from two probes."""
+
+    reads_kv_state = False
+
+    def __init__(self, rng):
+        self.rng = rng
+
+    def route(self, request, replicas, now):
+        if len(replicas) == 1:
+            return 0
+        a, b = (int(i) for i in self.rng.choice(len(replicas), size=2, replace=False))
+        la, lb = replicas[a].outstanding, replicas[b].outstanding
+        return a if (la, a) < (lb, b) else b
+
+
+class PrefixAware:
+    """The replica holding the longest cached prefix of the prompt, unless the fleet is imbalanced (SGLang's
+    cache-aware router; llm-d's prefix scorer). Imbalanced: the most and least loaded replicas differ by more
+    than balance_abs_threshold outstanding requests and by a factor above balance_rel_threshold; then the
+    least loaded replica is taken. Balanced: the longest match if it covers at least cache_threshold of the
+    prompt (ties to the less loaded), else the least loaded replica."""
+
+    reads_kv_state = True
+
+    def __init__(self, rng=None, cache_threshold: float = 0.5, balance_abs_threshold: int = 32,
+                 balance_rel_threshold: float = 1.5):
+        self.cache_threshold = cache_threshold
+        self.abs, self.rel = balance_abs_threshold, balance_rel_threshold
+
+    def route(self, request, replicas, now):
+        loads = [r.outstanding for r in replicas]
+        least = loads.index(min(loads))
+        hi, lo = max(loads), min(loads)
+        if hi - lo > self.abs and hi > self.rel * lo:
+            return least
+        matched = [r.cached_prefix_tokens(request) for r in replicas]
+        best = max(range(len(replicas)), key=lambda i: (matched[i], -loads[i], -i))
+        if matched[best] >= self.cache_threshold * request.prompt_tokens and matched[best] > 0:
+            return best
+        return least
+
+
+class SessionAffinity:
+    """Consistent hashing of the request's session onto a ring of replicas (virtual_nodes points each; 160, as ketama), so a
+    conversation's turns meet their KV cache and adding a replica moves only ~1/n of the sessions (Karger et
+    al., STOC 1997; session affinity in Ray Serve and llm-d). Requests without a session id (session < 0)
+    are hashed by their own id, which spreads them uniformly: a shared first block is no conversation key
+    (every Mooncake request starts with the same system-prompt block)."""
+
+    reads_kv_state = False
+
+    def __init__(self, rng=None, virtual_nodes: int = 160):
+        self.virtual_nodes = virtual_nodes
+        self._ring: tuple[list[int], list[int]] | None = None
+        self._n = -1
+
+    @staticmethod
+    def _hash(key: str) -> int:
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+    def _build(self, n: int) -> None:
+        points = sorted((self._hash(f"replica-{i}-{v}"), i) for i in range(n) for v in range(self.virtual_nodes))
+        self._ring = ([p for p, _ in points], [i for _, i in points])
+        self._n = n
+
+    @staticmethod
+    def key(request) -> str:
+        return f"s{request.session}" if request.session >= 0 else f"r{request.id}"
+
+    def route(self, request, replicas, now):
+        if self._n != len(replicas):
+            self._build(len(replicas))
+        hashes, owners = self._ring
+        j = bisect.bisect(hashes, self._hash(self.key(request))) % len(hashes)
+        return owners[j]

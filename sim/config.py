@@ -194,12 +194,43 @@ Workload = Annotated[Union[TraceWorkload, SyntheticWorkload], Field(discriminato
 
 # --- policies, SLOs, cost, output ------------------------------------------------------------
 
-class Batching(Strict):
-    name: Literal["continuous", "static"] = "continuous"
+class SimpleBatching(Strict):
+    name: Literal["continuous", "static", "prefill_first", "edf"] = "continuous"
 
 
-class Routing(Strict):
-    name: Literal["round_robin", "random", "least_outstanding"] = "least_outstanding"
+class PriorityBatching(Strict):
+    name: Literal["priority"]
+    priorities: dict[str, int] = Field(default_factory=dict,
+                                       description="SLO class -> priority, lower first (unlisted classes: 0)")
+
+
+class SJFBatching(Strict):
+    name: Literal["sjf"]
+    predictor: Literal["oracle", "noisy"] = "oracle"
+    noise_sigma: NonNegativeFloat = Field(0.5, description="noisy: lognormal error, standard deviation in log space")
+
+
+Batching = Annotated[Union[SimpleBatching, PriorityBatching, SJFBatching], Field(discriminator="name")]
+
+
+class SimpleRouting(Strict):
+    name: Literal["round_robin", "random", "least_outstanding", "least_kv", "power_of_two"] = "least_outstanding"
+
+
+class PrefixAwareRouting(Strict):
+    name: Literal["prefix_aware"]
+    cache_threshold: float = Field(0.5, ge=0, le=1, description="least fraction of the prompt cached to follow the cache")
+    balance_abs_threshold: NonNegativeInt = Field(32, description="imbalanced when max - min outstanding exceeds this ...")
+    balance_rel_threshold: float = Field(1.5, ge=1, description="... and max exceeds this times min")
+
+
+class SessionAffinityRouting(Strict):
+    name: Literal["session_affinity"]
+    virtual_nodes: PositiveInt = 160
+
+
+Routing = Annotated[Union[SimpleRouting, PrefixAwareRouting, SessionAffinityRouting],
+                    Field(discriminator="name")]
 
 
 class AcceptAllAdmission(Strict):
@@ -211,7 +242,24 @@ class MaxQueueAdmission(Strict):
     max_waiting: PositiveInt
 
 
-Admission = Annotated[Union[AcceptAllAdmission, MaxQueueAdmission], Field(discriminator="name")]
+class Bucket(Strict):
+    tokens_per_s: PositiveFloat = Field(description="refill rate, in request tokens (prompt + output) per second")
+    burst_tokens: PositiveFloat = Field(description="bucket size: the largest burst admitted at once")
+
+
+class TokenBucketAdmission(Strict):
+    name: Literal["token_bucket"]
+    tenants: dict[str, Bucket] = Field(default_factory=dict, description="a bucket per tenant")
+    default: Optional[Bucket] = Field(None, description="the bucket of each tenant not listed (none: unlimited)")
+
+
+class SLOSheddingAdmission(Strict):
+    name: Literal["slo_shedding"]
+    slack: PositiveFloat = Field(1.0, description="reject when predicted TTFT > slack x the class's TTFT SLO")
+
+
+Admission = Annotated[Union[AcceptAllAdmission, MaxQueueAdmission, TokenBucketAdmission, SLOSheddingAdmission],
+                      Field(discriminator="name")]
 
 
 class Eviction(Strict):
@@ -219,8 +267,8 @@ class Eviction(Strict):
 
 
 class Policies(Strict):
-    batching: Batching = Batching()
-    routing: Routing = Routing()
+    batching: Batching = SimpleBatching()
+    routing: Routing = SimpleRouting()
     admission: Admission = AcceptAllAdmission()
     eviction: Eviction = Eviction()
 
@@ -273,15 +321,19 @@ class Config(Strict):
 
 # --- loading ---------------------------------------------------------------------------------
 _TAGS = {"trace", "synthetic", "poisson", "gamma", "constant", "all_at_once", "closed_loop", "fixed", "uniform",
-         "lognormal", "independent", "pairs", "roofline", "linear", "measured", "accept_all", "max_queue"}
+         "lognormal", "independent", "pairs", "roofline", "linear", "measured", "accept_all", "max_queue", "token_bucket", "slo_shedding",
+         "continuous", "static", "prefill_first", "edf", "priority", "sjf",
+         "round_robin", "random", "least_outstanding", "least_kv", "power_of_two", "prefix_aware", "session_affinity"}
 
 
 def _path(loc) -> str:
+    """The key path of a pydantic error location, without the union tags pydantic inserts after a union
+    field (never first: the top level is no union, and a sweep's own `random` key is)."""
     out = ""
-    for part in loc:
+    for k, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in _TAGS or "[" in str(part) or "function-" in str(part):
+        elif (k and part in _TAGS) or "[" in str(part) or "function-" in str(part):
             continue
         else:
             out += ("." if out else "") + str(part)

@@ -69,6 +69,10 @@ class Replica:
     def kv_free_fraction(self) -> float:
         return self.pool.num_free / self.pool.num_blocks
 
+    def cached_prefix_tokens(self, req) -> int:
+        """Prompt tokens this replica's prefix cache holds for req (what a prefix-aware router scores)."""
+        return len(self.pool.lookup(req, req.prompt_tokens)) * self.pool.block_size
+
     def fits(self, req) -> str | None:
         if req.total_tokens > self.max_model_len:
             return "exceeds_max_model_len"

@@ -73,7 +73,15 @@ def _where(loc: str, fn, *a, **k):
 
 
 def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: bool = False):
-    wl_rng, route_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(2))
+    wl_rng, route_rng, policy_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(3))
+    batching_cls = registry.BATCHING[cfg.policies.batching.name][0]
+    batching_params = cfg.policies.batching.model_dump(exclude={"name"})
+
+    def scheduler(e):
+        """A policy that needs more than its parameters (SLOs, the run's generator) builds itself."""
+        if hasattr(batching_cls, "from_config"):
+            return batching_cls.from_config(e, batching_params, cfg, policy_rng)
+        return batching_cls(e.max_num_seqs, e.max_num_batched_tokens, e.enable_chunked_prefill, **batching_params)
     replicas, infos = [], []
     pol = cfg.policies
     eviction = registry.EVICTION[pol.eviction.name][0]()
@@ -126,8 +134,7 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
         for _ in range(g.count):
             i = len(replicas)
             pool = BlockPool(blocks, e.block_size, enable_prefix_caching=e.enable_prefix_caching, eviction=eviction)
-            sched = registry.BATCHING[pol.batching.name][0](e.max_num_seqs, e.max_num_batched_tokens,
-                                                          e.enable_chunked_prefill)
+            sched = scheduler(e)
             name = g.name or f"{gpu.name}/{model.name}"
             if pm.name == "measured":
                 step_model = measured()
@@ -137,9 +144,10 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
             infos.append(ReplicaInfo(i, name, gpu.name, model.name, tp, pp, n_gpus, price,
                                      n_gpus * gpu.peak_flops(g.dtype), n_gpus * gpu.mem_bw, blocks, e.block_size,
                                      plan.describe()))
-    router = registry.ROUTING[pol.routing.name][0](route_rng)
+    router = registry.ROUTING[pol.routing.name][0](route_rng, **pol.routing.model_dump(exclude={"name"}))
+    adm_cls = registry.ADMISSION[pol.admission.name][0]
     adm_cfg = pol.admission.model_dump(exclude={"name"})
-    admission = registry.ADMISSION[pol.admission.name][0](**adm_cfg)
+    admission = adm_cls.from_config(adm_cfg, cfg) if hasattr(adm_cls, "from_config") else adm_cls(**adm_cfg)
     cluster = Cluster(env, replicas, router, admission, metrics)
     workload = build_workload(cfg.workload, wl_rng, base_dir)
     return cluster, replicas, infos, workload

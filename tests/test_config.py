@@ -52,6 +52,10 @@ def test_policies_listing_matches_the_config_choices():
         for name in table:
             assert f"  {name} " in out
     # every registered name is selectable in the config, and every config choice is registered
-    assert set(typing.get_args(config.Batching.model_fields["name"].annotation)) == set(registry.BATCHING)
-    assert set(typing.get_args(config.Routing.model_fields["name"].annotation)) == set(registry.ROUTING)
+    def names(union):          # Annotated[Union[A, B, ...], Field(discriminator="name")]
+        members = typing.get_args(typing.get_args(union)[0])
+        return {n for m in members for n in typing.get_args(m.model_fields["name"].annotation)}
+    assert names(config.Batching) == set(registry.BATCHING)
+    assert names(config.Routing) == set(registry.ROUTING)
+    assert names(config.Admission) == set(registry.ADMISSION)
     assert set(typing.get_args(config.Eviction.model_fields["name"].annotation)) == set(registry.EVICTION)

@@ -1,0 +1,151 @@
+"""Batching policies: exact scheduling decisions on scripted queues (as vLLM's scheduler tests assert
+states), then each policy end to end."""
+import copy
+from collections import deque
+
+import numpy as np
+import pytest
+
+from conftest import BASE, run_raw
+from servesim.policies.batching import (ContinuousBatching, EarliestDeadlineFirst, PrefillFirst, PriorityClasses,
+                                        ShortestJobFirst)
+from servesim.sim.kv_cache import BlockPool
+from servesim.sim.request import Request
+
+
+class Queue:
+    """The replica's queue view that policies work on (sim/replica.py), without the engine."""
+
+    def __init__(self, blocks=100, block_size=16):
+        self.waiting, self.running = deque(), []
+        self.pool = BlockPool(blocks, block_size)
+        self.preempted = []
+
+    @property
+    def num_running(self):
+        return len(self.running)
+
+    def preempt(self, req):
+        self.pool.free(req)
+        req.num_computed = 0
+        self.preempted.append(req.id)
+        self.waiting.appendleft(req)
+
+
+def _req(i, prompt, output=10, arrival=0.0, slo_class="default"):
+    return Request(i, arrival, prompt, output, slo_class=slo_class)
+
+
+def _decoding(q, req):
+    """Make req a running request that has its prompt cached and one token out (decoding)."""
+    q.pool.allocate(req, req.prompt_tokens + 1)
+    req.num_computed, req.num_output = req.prompt_tokens, 1
+    q.running.append(req)
+
+
+def _ids(batch):
+    return [(r.id, n) for r, n in batch]
+
+
+def test_continuous_running_first_then_fcfs_admissions_within_the_budget():
+    q = Queue()
+    _decoding(q, _req(0, 40))
+    q.waiting.extend([_req(1, 300), _req(2, 100)])
+    s = ContinuousBatching(max_num_seqs=8, max_num_batched_tokens=256, enable_chunked_prefill=True)
+    assert _ids(s.schedule(q, 0.0)) == [(0, 1), (1, 255)]          # decode, then request 1's first chunk
+    assert [r.id for r in q.running] == [0, 1] and [r.id for r in q.waiting] == [2]
+
+
+def test_priority_admits_the_most_urgent_class_and_preempts_the_least():
+    q = Queue(blocks=8, block_size=16)
+    _decoding(q, _req(0, 47, slo_class="batch"))                    # 3 blocks each
+    _decoding(q, _req(1, 47, slo_class="interactive"))
+    q.pool.allocate(_req(99, 32), 32)                               # 2 blocks held elsewhere: 0 free
+    for r in q.running:
+        r.num_computed, r.num_output = 48, 2                        # token 49 needs a 4th block
+    s = PriorityClasses(8, 256, True, priorities={"interactive": 0, "batch": 1})
+    q.waiting.extend([_req(2, 16, slo_class="batch", arrival=0.0), _req(3, 16, slo_class="interactive", arrival=1.0)])
+    # request 0 needs a block: none free, the least urgent running request (0 itself) is preempted
+    batch = s.schedule(q, 2.0)
+    assert q.preempted == [0] and _ids(batch) == []                # vLLM: no more running requests this step
+    # next step: request 1 decodes with the freed blocks; admissions by priority: 3 (interactive) before 0, 2
+    batch = s.schedule(q, 2.0)
+    assert _ids(batch)[0] == (1, 1) and _ids(batch)[1][0] == 3
+    assert [r.id for r in q.running][:2] == [1, 3]
+
+
+def test_fcfs_preempts_the_most_recently_admitted():
+    q = Queue(blocks=6, block_size=16)
+    a, b = _req(0, 31), _req(1, 31)
+    _decoding(q, a)
+    _decoding(q, b)                                                 # 2 + 2 blocks, 2 free
+    q.pool.allocate(_req(99, 32), 32)                               # 0 free
+    a.num_computed = b.num_computed = 32
+    a.num_output = b.num_output = 2                                 # both need a 3rd block now
+    batch = ContinuousBatching(8, 256).schedule(q, 0.0)
+    assert q.preempted == [1] and _ids(batch) == [(0, 1)]
+
+
+def test_edf_admits_by_first_token_deadline():
+    s = EarliestDeadlineFirst(8, 64, True, ttft_s={"interactive": 0.5, "batch": 30.0})
+    q = Queue()
+    q.waiting.extend([_req(0, 16, arrival=0.0, slo_class="batch"),        # deadline 30
+                      _req(1, 16, arrival=2.0, slo_class="interactive"),  # 2.5
+                      _req(2, 16, arrival=1.0, slo_class="other"),        # no SLO: after every deadline
+                      _req(3, 16, arrival=1.5, slo_class="interactive")]) # 2.0
+    assert [r.id for r, _ in s.schedule(q, 3.0)] == [3, 1, 0, 2]
+
+
+def test_sjf_oracle_and_noisy_predictors():
+    q = Queue()
+    q.waiting.extend([_req(0, 16, output=500), _req(1, 16, output=20), _req(2, 16, output=100)])
+    assert [r.id for r, _ in ShortestJobFirst(8, 32, True).schedule(q, 0.0)] == [1, 2]   # the budget fits two
+    # noisy: the order of the predictions, which are the true lengths times lognormal(0, sigma) draws
+    rng, twin = np.random.default_rng(5), np.random.default_rng(5)
+    s = ShortestJobFirst(8, 1000, True, predictor="noisy", noise_sigma=1.0, rng=rng)
+    reqs = [_req(i, 16, output=o) for i, o in enumerate([100, 110, 120, 130, 140])]
+    q = Queue()
+    q.waiting.extend(reqs)
+    order = [r.id for r, _ in s.schedule(q, 0.0)]
+    predicted = [r.output_tokens * twin.lognormal(0.0, 1.0) for r in reqs]   # drawn once each, in queue order
+    assert order == list(np.argsort(predicted, kind="stable"))
+    assert s.predicted == {r.id: p for r, p in zip(reqs, predicted)}
+
+
+def test_prefill_first_pauses_decodes_while_prompts_can_be_admitted():
+    q = Queue()
+    _decoding(q, _req(0, 40))
+    q.waiting.extend([_req(1, 100), _req(2, 200)])
+    s = PrefillFirst(8, 256)
+    assert _ids(s.schedule(q, 0.0)) == [(1, 100)]                  # 2 does not fit the rest of the budget
+    assert _ids(s.schedule(q, 0.0)) == [(2, 200)]                  # still a prompt to admit: decodes wait
+    for r in q.running[1:]:
+        r.num_computed, r.num_output = r.prompt_tokens, 1
+    assert _ids(s.schedule(q, 0.0)) == [(0, 1), (1, 1), (2, 1)]     # nothing to admit: everyone decodes
+
+
+def _mixed(policy, **params):
+    raw = copy.deepcopy(BASE)
+    raw["sim"] = {}
+    raw["slo"] = {"classes": {"interactive": {"ttft_ms": 300}, "batch": {"ttft_ms": 20000}}}
+    raw["workload"] = {"kind": "synthetic", "num_requests": 300, "slo_class": "interactive",
+                       "arrival": {"process": "poisson", "rate": 40.0},
+                       "lengths": {"kind": "independent", "input": {"dist": "uniform", "low": 500, "high": 3000},
+                                   "output": {"dist": "uniform", "low": 10, "high": 400}}}
+    raw["policies"] = {"batching": {"name": policy, **params}}
+    return run_raw(raw)[1]
+
+
+@pytest.mark.parametrize("policy, params", [("continuous", {}), ("static", {}), ("prefill_first", {}), ("edf", {}),
+                                            ("priority", {"priorities": {"interactive": 0}}),
+                                            ("sjf", {}), ("sjf", {"predictor": "noisy", "noise_sigma": 0.8})])
+def test_every_batching_policy_serves_every_request(policy, params):
+    df = _mixed(policy, **params)
+    assert (df["outcome"] == "finished").all()
+    assert (df["generated_tokens"] == df["output_tokens"]).all()
+
+
+def test_sjf_lowers_mean_queueing_under_load_and_prefill_first_raises_tpot():
+    fcfs, sjf = _mixed("continuous"), _mixed("sjf")
+    assert sjf["queue_s"].mean() < fcfs["queue_s"].mean()
+    assert _mixed("prefill_first")["tpot_s"].quantile(0.99) > fcfs["tpot_s"].quantile(0.99)
