@@ -62,7 +62,9 @@ class Cluster:
 
     # --- arrival processes -------------------------------------------------------------------
     def _make(self, w, i: int, now: float) -> Request:
-        return Request(i, now, int(w.prompt[i]), int(w.output[i]), tenant=w.tenant, slo_class=w.slo_class,
+        return Request(i, now, int(w.prompt[i]), int(w.output[i]),
+                       tenant=w.tenant if w.tenants is None else w.tenants[i],
+                       slo_class=w.slo_class if w.slo_classes is None else w.slo_classes[i],
                        prefix_ids=w.prefix_ids[i] if w.prefix_ids is not None else None,
                        prefix_block_size=w.prefix_block_size)
 

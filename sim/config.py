@@ -189,7 +189,23 @@ class SyntheticWorkload(Strict):
         return self
 
 
-Workload = Annotated[Union[TraceWorkload, SyntheticWorkload], Field(discriminator="kind")]
+SingleWorkload = Annotated[Union[TraceWorkload, SyntheticWorkload], Field(discriminator="kind")]
+
+
+class MixWorkload(Strict):
+    """Several open-loop workloads (tenants, SLO classes) merged by arrival time."""
+    kind: Literal["mix"]
+    parts: list[SingleWorkload] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _open_loop(self):
+        for i, p in enumerate(self.parts):
+            if p.kind == "synthetic" and p.arrival.process == "closed_loop":
+                raise ValueError(f"parts[{i}]: closed-loop clients cannot be mixed (give each part arrival times)")
+        return self
+
+
+Workload = Annotated[Union[TraceWorkload, SyntheticWorkload, MixWorkload], Field(discriminator="kind")]
 
 
 # --- policies, SLOs, cost, output ------------------------------------------------------------
@@ -313,14 +329,17 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _classes_exist(self):
-        cls = self.workload.slo_class
-        if cls not in self.slo.classes:
-            raise ValueError(f"workload.slo_class {cls!r} is not one of slo.classes ({', '.join(self.slo.classes)})")
+        w = self.workload
+        for where, part in ([("workload", w)] if w.kind != "mix" else
+                            [(f"workload.parts[{i}]", p) for i, p in enumerate(w.parts)]):
+            if part.slo_class not in self.slo.classes:
+                raise ValueError(f"{where}.slo_class {part.slo_class!r} is not one of slo.classes "
+                                 f"({', '.join(self.slo.classes)})")
         return self
 
 
 # --- loading ---------------------------------------------------------------------------------
-_TAGS = {"trace", "synthetic", "poisson", "gamma", "constant", "all_at_once", "closed_loop", "fixed", "uniform",
+_TAGS = {"trace", "synthetic", "mix", "poisson", "gamma", "constant", "all_at_once", "closed_loop", "fixed", "uniform",
          "lognormal", "independent", "pairs", "roofline", "linear", "measured", "accept_all", "max_queue", "token_bucket", "slo_shedding",
          "continuous", "static", "prefill_first", "edf", "priority", "sjf",
          "round_robin", "random", "least_outstanding", "least_kv", "power_of_two", "prefix_aware", "session_affinity"}

@@ -55,6 +55,18 @@ def _meets(df: pd.DataFrame, slo) -> pd.Series:
     return ok
 
 
+def _tenant(sub: pd.DataFrame, met: pd.Series, duration: float) -> dict:
+    """One tenant's share of the run: its requests, latencies and SLO attainment (each request judged by
+    its own class)."""
+    fin = sub["outcome"] == FINISHED
+    return {"requests": int(len(sub)), "finished": int(fin.sum()),
+            "rejected": int((sub["outcome"] == REJECTED).sum()),
+            "ttft_ms": {k: v for k, v in _stats_ms(sub["ttft_s"]).items() if k in ("p50", "p99")},
+            "tpot_ms": {k: v for k, v in _stats_ms(sub["tpot_s"]).items() if k in ("p50", "p99")},
+            "output_tokens_per_s": int(sub.loc[fin, "output_tokens"].sum()) / duration,
+            "slo_attainment": float(met.mean()) if len(sub) else None}
+
+
 def build_report(result, df: pd.DataFrame | None = None) -> dict:
     cfg, m = result.config, result.metrics
     df = request_table(result) if df is None else df
@@ -69,9 +81,12 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
     latency["itl"] = {"mean": itl.mean() * 1000 if itl.n else None,
                       **{f"p{p}": (itl.quantile(p / 100) * 1000 if itl.n else None) for p in PCTS}}
     classes, met_total = {}, 0
+    met_by_request = pd.Series(False, index=df.index)
     for name, slo in cfg.slo.classes.items():
         sub = df[df["slo_class"] == name]
-        met = int(_meets(sub, slo).sum())
+        ok = _meets(sub, slo)
+        met_by_request[sub.index] = ok
+        met = int(ok.sum())
         met_total += met
         classes[name] = {"requests": int(len(sub)), "met": met,
                          "attainment": met / len(sub) if len(sub) else None,
@@ -103,6 +118,7 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
         },
         "slo": {"attainment": met_total / len(df) if len(df) else None,
                 "goodput_requests_per_s": met_total / duration, "classes": classes},
+        "tenants": {t: _tenant(sub, met_by_request[sub.index], duration) for t, sub in df.groupby("tenant", sort=True)},
         "cost": {"gpus": gpus, "gpu_hours": gpu_hours, "usd": usd,
                  "usd_per_1m_output_tokens": usd / out_tok * 1e6 if out_tok else None,
                  "usd_per_request": usd / int(fin.sum()) if fin.any() else None},
@@ -167,6 +183,14 @@ def summary_markdown(rep: dict) -> str:
         tg = ", ".join(f"{k} <= {v:g}" for k, v in cl["targets_ms"].items() if v is not None) or "no targets"
         att = _fmt(100 * cl["attainment"]) if cl["attainment"] is not None else "-"
         L.append(f"- SLO class `{name}` ({tg}): {cl['met']}/{cl['requests']} met ({att} %)")
+    if len(rep["tenants"]) > 1:
+        L += ["", "| tenant | requests | finished | rejected | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | output tok/s "
+                  "| SLO attainment |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, tn in rep["tenants"].items():
+            L.append(f"| {name} | {tn['requests']} | {tn['finished']} | {tn['rejected']} | "
+                     f"{_fmt(tn['ttft_ms']['p50'])} / {_fmt(tn['ttft_ms']['p99'])} | "
+                     f"{_fmt(tn['tpot_ms']['p50'])} / {_fmt(tn['tpot_ms']['p99'])} | "
+                     f"{_fmt(tn['output_tokens_per_s'])} | {_fmt(100 * tn['slo_attainment'])} % |")
     return "\n".join(L) + "\n"
 
 

@@ -107,3 +107,37 @@ def test_request_larger_than_the_pool_is_rejected_and_counted(base_raw):
     assert (df.loc[too_big, "reason"] == "exceeds_kv_capacity").all()
     assert (df.loc[~too_big, "outcome"] == "finished").all()
     assert res.rejections == {"exceeds_kv_capacity": int(too_big.sum())}
+
+
+def test_unbounded_cache_hit_rate_equals_the_offline_reuse_of_the_mooncake_block_ids():
+    """One replica, a pool that never evicts, one sequence at a time (every earlier request's blocks are
+    cached before the next is admitted): the prompt tokens served from the cache equal, request by request,
+    what its trace block ids say was seen before: the leading run of already-seen ids, in whole trace blocks
+    inside the prompt, within the prompt's first (prompt - 1) tokens rounded down to engine blocks."""
+    import copy
+
+    from conftest import BASE, run_raw
+    from servesim.traces.loaders import load_trace, resolve_path
+
+    n = 150
+    raw = copy.deepcopy(BASE)
+    raw["sim"] = {}
+    raw["fleet"]["replicas"][0]["engine"] = {"enable_prefix_caching": True, "max_num_seqs": 1,
+                                             "num_gpu_blocks_override": 200_000}
+    raw["workload"] = {"kind": "trace", "path": "bundled:mooncake_conversation_head3000.jsonl.gz", "max_requests": n}
+    res, df = run_raw(raw)
+    assert res.pools[0].evictions == 0 and df["preemptions"].sum() == 0
+    tr = load_trace(resolve_path("bundled:mooncake_conversation_head3000.jsonl.gz"))
+    tb, bs = tr.prefix_block_size, 16
+    seen, expected = set(), []
+    for i in range(n):
+        ids, prompt = tr.prefix_ids[i], int(tr.prompt[i])
+        lead = 0
+        while lead < len(ids) and ids[lead] in seen and (lead + 1) * tb <= prompt:
+            lead += 1
+        expected.append(min(lead * tb, (prompt - 1) // bs * bs))
+        seen.update(ids)
+    assert df["cached_prompt_tokens"].tolist() == expected
+    offline = sum(expected) / df["prompt_tokens"].sum()
+    assert offline == df["cached_prompt_tokens"].sum() / df["prompt_tokens"].sum() > 0.04
+    assert max(expected) > 4 * tb            # not just the shared system-prompt block: conversation turns too

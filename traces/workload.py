@@ -22,6 +22,8 @@ class Workload:
     prefix_block_size: int = 0
     tenant: str = "default"
     slo_class: str = "default"
+    tenants: list | None = None         # a mix: each request's tenant and SLO class (else the two above)
+    slo_classes: list | None = None
     concurrency: int = 0                # closed loop: number of clients
     think_time_s: float = 0.0
     duration_s: float | None = None     # closed loop: no new request after this time
@@ -67,6 +69,8 @@ def _lengths(cfg, n: int, rng, base_dir):
 
 
 def build_workload(cfg, rng: np.random.Generator, base_dir: Path | None = None) -> Workload:
+    if cfg.kind == "mix":
+        return _mix(cfg, rng, base_dir)
     if cfg.kind == "trace":
         return _from_trace(cfg, rng, base_dir)
     a = cfg.arrival
@@ -113,3 +117,24 @@ def _from_trace(cfg, rng, base_dir) -> Workload:
         ids = None  # block ids no longer describe the scaled prompts
     return Workload(p, o, t, ids, tr.prefix_block_size, tenant=cfg.tenant, slo_class=cfg.slo_class,
                     description=f"trace {path.name}, {idx.size} requests")
+
+
+def _mix(cfg, rng, base_dir) -> Workload:
+    """Each part built on its own stream of the run's generator, then merged by arrival time (stable: a tie
+    keeps part order). Per-request tenants and SLO classes come from the parts."""
+    parts = [build_workload(p, np.random.default_rng(s), base_dir)
+             for p, s in zip(cfg.parts, rng.bit_generator.seed_seq.spawn(len(cfg.parts)))]
+    sizes = {w.prefix_block_size for w in parts if w.prefix_ids is not None}
+    if len(sizes) > 1:
+        raise TraceError(f"workload.parts: traces with block ids of different sizes ({sorted(sizes)}) cannot be mixed")
+    t = np.concatenate([w.arrival for w in parts])
+    order = np.argsort(t, kind="stable")
+    def cat(field):
+        return np.concatenate([getattr(w, field) for w in parts])[order]
+    def per_request(get):
+        flat = [get(w, i) for w in parts for i in range(len(w))]
+        return [flat[j] for j in order.tolist()]
+    ids = per_request(lambda w, i: w.prefix_ids[i] if w.prefix_ids is not None else None) if sizes else None
+    return Workload(cat("prompt"), cat("output"), t[order], ids, sizes.pop() if sizes else 0,
+                    tenants=per_request(lambda w, i: w.tenant), slo_classes=per_request(lambda w, i: w.slo_class),
+                    description="mix of " + "; ".join(f"{w.tenant}/{w.slo_class}: {w.description}" for w in parts))
