@@ -200,6 +200,7 @@ def run_sweep(path: Path, out: Path, *, executor: str = "local", jobs: Optional[
     table = results_table(pts, out, list(spec.grid) + (list(spec.random.params) if spec.random else []))
     table.to_csv(out / "results.csv", index=False)
     table.to_parquet(out / "results.parquet", index=False)
+    comparison_plot(table, list(spec.grid), out / "comparison.png")
     return table, len(todo)
 
 
@@ -207,7 +208,7 @@ def results_table(pts: list[dict], out: Path, keys: list[str]) -> pd.DataFrame:
     rows = []
     for p in pts:
         folder = out / "points" / p["id"]
-        row: dict[str, Any] = {"point": p["id"], **{k: p["settings"].get(k) for k in keys}, "seed": p["seed"]}
+        row: dict[str, Any] = {"point": p["id"], **{k: _cell(p["settings"].get(k)) for k in keys}, "seed": p["seed"]}
         if _done(folder):
             row.update(status="ok", error="")
             row.update(flatten(json.loads((folder / "report.json").read_text())))
@@ -217,6 +218,49 @@ def results_table(pts: list[dict], out: Path, keys: list[str]) -> pd.DataFrame:
                        error=err.read_text().split("\n", 1)[0] if err.is_file() else "")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _cell(v):
+    """A swept value as a table cell: scalars as they are, sections (e.g. a whole routing policy) as JSON."""
+    return v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v, sort_keys=True)
+
+
+COMPARED = (("latency_ms.ttft.p99", "p99 TTFT (ms)"), ("latency_ms.tpot.p99", "p99 TPOT (ms)"),
+            ("slo.attainment", "SLO attainment"), ("throughput.output_tokens_per_s", "output tokens/s"),
+            ("prefix_cache.hit_rate", "prefix-cache hit rate"), ("cost.usd_per_1m_output_tokens", "$ per 1M output tokens"))
+
+
+def _short(key: str, v) -> str:
+    """A bar label: `rate_scale=2.0`; a policy section as `priority(priorities={...})`."""
+    if isinstance(v, str) and v.startswith("{"):
+        d = json.loads(v)
+        if "name" in d:
+            rest = ", ".join(f"{k}={json.dumps(x)}" for k, x in d.items() if k != "name")
+            return f"{d['name']}({rest})" if rest else str(d["name"])
+    return f"{key.split('.')[-1]}={v}"
+
+
+def comparison_plot(table: pd.DataFrame, keys: list[str], path: Path) -> None:
+    """One bar per setting (mean over seeds, error bar: min..max) for each headline metric."""
+    from servesim.sim.plots import plt, save
+    ok = table[table["status"] == "ok"]
+    if ok.empty:
+        return
+    label = ok[keys].agg(lambda r: ", ".join(_short(k, v) for k, v in zip(keys, r)), axis=1) \
+        if keys else pd.Series("base", index=ok.index)
+    metrics = [(c, t) for c, t in COMPARED if c in ok and ok[c].notna().any()]
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6, 0.6 * label.nunique() + 3), 2.2 * len(metrics)),
+                             squeeze=False)
+    groups = ok.assign(_label=label).groupby("_label", sort=False)
+    names = list(groups.groups)
+    for ax, (col, title) in zip(axes[:, 0], metrics):
+        g = groups[col]
+        mean, lo, hi = g.mean(), g.min(), g.max()
+        ax.bar(range(len(names)), mean[names], yerr=[mean[names] - lo[names], hi[names] - mean[names]], capsize=3)
+        ax.set_ylabel(title, fontsize=8)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names if ax is axes[-1, 0] else [], rotation=30, ha="right", fontsize=7)
+    save(fig, path, "sweep comparison (bars: mean over seeds; whiskers: min..max)")
 
 
 def _run_local(args, jobs, address, bar):

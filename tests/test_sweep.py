@@ -50,6 +50,16 @@ def test_grid_times_seeds_gives_one_row_per_point_with_the_direct_run_metrics(tm
     pq = pd.read_parquet(tmp_path / "out" / "results.parquet")
     assert list(pq.columns) == list(table.columns) and len(pq) == 8
     assert json.loads((tmp_path / "out" / "points" / row["point"] / "point.json").read_text())["seed"] == 1
+    assert (tmp_path / "out" / "comparison.png").stat().st_size > 20_000
+
+
+def test_whole_policy_sections_can_be_swept(tmp_path):
+    sweep = {"grid": {"policies.batching": [{"name": "continuous"}, {"name": "sjf", "predictor": "noisy"}]}}
+    table, ran = run_sweep(_write(tmp_path, sweep), tmp_path / "out", jobs=2, progress=False)
+    assert ran == 2 and list(table["status"]) == ["ok", "ok"]
+    assert list(table["policies.batching"]) == ['{"name": "continuous"}', '{"name": "sjf", "predictor": "noisy"}']
+    assert pd.read_parquet(tmp_path / "out" / "results.parquet")["policies.batching"].tolist() == \
+        list(table["policies.batching"])
 
 
 def test_rerun_skips_finished_points_and_runs_only_missing_ones(tmp_path):
