@@ -95,14 +95,15 @@ class ContinuousBatching:
             j = min(range(len(waiting)), key=lambda k: (self.key(waiting[k], now), k)) if ordered else 0
             req = waiting[j]
             hits = pool.lookup(req, req.num_tokens - 1)    # at least one token must be computed
-            cached = len(hits) * pool.block_size
+            loads = pool.lookup_offloaded(req, len(hits), req.num_tokens - 1)
+            cached = (len(hits) + len(loads)) * pool.block_size
             n = req.num_tokens - cached
             if n > budget:
                 if not self.chunked and out:
                     break
                 if self.chunked:
                     n = budget
-            if not pool.allocate(req, cached + n, hits):
+            if not pool.allocate(req, cached + n, hits, loads):
                 break
             del waiting[j]
             running.append(req)

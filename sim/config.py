@@ -20,6 +20,13 @@ class Strict(BaseModel):
 
 
 # --- fleet ---------------------------------------------------------------------------------
+class OffloadTierConfig(Strict):
+    """One KV offload tier below GPU memory (sim/kv_offload.py), per GPU."""
+    name: str
+    capacity_gib: PositiveFloat = Field(description="KV the tier holds, per GPU")
+    bandwidth_gbps: PositiveFloat = Field(description="load bandwidth back to the GPU, GB/s per GPU")
+
+
 class EngineConfig(Strict):
     max_num_seqs: PositiveInt = 256
     max_num_batched_tokens: PositiveInt = 8192
@@ -31,6 +38,14 @@ class EngineConfig(Strict):
     num_gpu_blocks_override: Optional[PositiveInt] = None
     scheduler_overhead_ms: NonNegativeFloat = 0.0
     runtime_overhead_gib: Optional[NonNegativeFloat] = None
+    kv_offload: list[OffloadTierConfig] = Field(default_factory=list,
+                                                description="tiers evicted prefix blocks move down (e.g. cpu, ssd)")
+
+    @model_validator(mode="after")
+    def _offload_needs_caching(self):
+        if self.kv_offload and not self.enable_prefix_caching:
+            raise ValueError("kv_offload keeps evicted prefix blocks: it needs enable_prefix_caching: true")
+        return self
 
 
 class RooflinePerf(Strict):

@@ -13,7 +13,8 @@ from .request import Request, prompt_block_hashes
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = False, eviction=None):
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = False, eviction=None,
+                 offload=None):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.caching = enable_prefix_caching
@@ -33,6 +34,7 @@ class BlockPool:
         self.num_used = 0
         self.evictions = 0
         self.now = 0.0
+        self.offload = offload               # an OffloadStore (sim/kv_offload.py): where evicted prefix blocks go
 
     @property
     def num_free(self) -> int:
@@ -57,6 +59,19 @@ class BlockPool:
             hits.append(b)
         return hits
 
+    def lookup_offloaded(self, req: Request, first: int, max_tokens: int) -> list[int]:
+        """After `first` blocks found on the GPU: the tier of each following prompt block that an offload tier
+        holds (consecutive, within the first max_tokens tokens)."""
+        if self.offload is None:
+            return []
+        tiers = []
+        for h in req.block_hashes[first: max_tokens // self.block_size]:
+            t = None if h in self.by_hash else self.offload.find(h)
+            if t is None:
+                break
+            tiers.append(t)
+        return tiers
+
     def register_full_blocks(self, req: Request, old_computed: int, new_computed: int) -> None:
         """Publish the hashes of prompt blocks that became full, so later requests can share them."""
         if not self.caching:
@@ -80,8 +95,9 @@ class BlockPool:
         reviving = sum(1 for b in hits if self.ref[b] == 0)  # cached-free hits leave the free pool
         return need <= self.num_free - reviving
 
-    def allocate(self, req: Request, num_tokens: int, hits: list[int] = ()) -> bool:
-        """Make req's blocks cover num_tokens tokens (taking `hits` first); all or nothing."""
+    def allocate(self, req: Request, num_tokens: int, hits: list[int] = (), loads: list[int] = ()) -> bool:
+        """Make req's blocks cover num_tokens tokens (taking `hits` first, then new blocks loaded from the
+        offload tiers in `loads`, then new blocks); all or nothing."""
         if not hits and -(-num_tokens // self.block_size) <= len(req.blocks):
             return True                      # the common case: a decode token inside its last block
         if not self.can_allocate(req, num_tokens, hits):
@@ -90,6 +106,17 @@ class BlockPool:
             self._take(b)
             self.hits[b] += 1
             req.blocks.append(b)
+        if loads:                            # KV copied back from the tiers, read before any GPU eviction below
+            loaded = req.block_hashes[len(req.blocks): len(req.blocks) + len(loads)]   # pushes blocks into them
+            for h, t in zip(loaded, loads):
+                req.load_s += self.offload.load(h, t)
+            for h in loaded:                 # each new block holds that prefix again
+                b = self._take(self._pop_free())
+                self.hash[b] = h
+                self.by_hash[h] = b
+                self.cached_since[b] = self.now
+                req.blocks.append(b)
+            req.num_loaded_tokens += len(loads) * self.block_size
         need = self.blocks_needed(num_tokens) - len(req.blocks)
         plain = self.free_plain
         if need <= len(plain):                # plain-free blocks: unreferenced and unhashed, so no _take
@@ -160,6 +187,8 @@ class BlockPool:
                 break
         self._stamp[b] = -1
         self.num_cached_free -= 1
+        if self.offload is not None:
+            self.offload.put(self.hash[b])
         del self.by_hash[self.hash[b]]
         self.hash[b] = None
         self.evictions += 1

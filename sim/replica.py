@@ -130,6 +130,7 @@ class Replica:
             shape = BatchShape()
             decode, pre_new, pre_cached = shape.decode_cached, shape.prefill_new, shape.prefill_cached
             sampled = 0
+            load_s = 0.0
             for req, n in batch:
                 if req.first_scheduled != req.first_scheduled:  # NaN: first time
                     req.first_scheduled = now
@@ -144,12 +145,15 @@ class Replica:
                     pre_cached.append(c)
                     if self._ids:
                         shape.prefill_ids.append(req.id)
+                    if req.load_s:                       # KV loaded back from offload tiers before the step
+                        load_s += req.load_s
+                        req.load_s = 0.0
                 if n == left:
                     sampled += 1
             shape.num_sampled = sampled
             metrics.sample(self.index, now, len(self.waiting), self.num_running, pool.num_used)
             st = self.model.step_time(shape)
-            dt = st.seconds if self.pp == 1 else st.seconds / self.pp   # time until the first stage is free
+            dt = (st.seconds if self.pp == 1 else st.seconds / self.pp) + load_s  # until the first stage is free
             stats.add_step(dt, st.flops, st.bytes, sum(pre_new), len(decode), pool.num_used)
             if metrics.trace is not None:
                 metrics.trace.step(self.index, now, dt, sum(pre_new), len(decode), pool.num_used, len(self.waiting),

@@ -19,6 +19,7 @@ COLUMNS = (("id", "id"), ("arrival_s", "arrival"), ("prompt_tokens", "prompt_tok
            ("output_tokens", "output_tokens"), ("generated_tokens", "num_output"), ("replica", "replica"),
            ("tenant", "tenant"), ("slo_class", "slo_class"), ("first_scheduled_s", "first_scheduled"),
            ("first_token_s", "first_token"), ("finish_s", "finish"), ("cached_prompt_tokens", "num_cached_tokens"),
+           ("loaded_prompt_tokens", "num_loaded_tokens"),
            ("preemptions", "preemptions"), ("outcome", "outcome"), ("reason", "reason"))
 
 
@@ -53,6 +54,27 @@ def _meets(df: pd.DataFrame, slo) -> pd.Series:
                 cond |= df[col].isna()  # a one-token output has no TPOT to miss
             ok &= cond
     return ok
+
+
+def _offload(result, prompt_tokens: int) -> dict:
+    """Per offload tier, over all replicas: prompt tokens loaded back from it, their share of all prompt
+    tokens, the seconds spent loading, the blocks it holds at the end; and blocks dropped off the last tier."""
+    out: dict = {}
+    dropped = 0
+    for pool in result.pools:
+        if pool.offload is None:
+            continue
+        dropped += pool.offload.dropped
+        for t in pool.offload.tiers:
+            d = out.setdefault(t.name, {"hit_tokens": 0, "hit_rate": 0.0, "load_s": 0.0, "blocks_held": 0})
+            d["hit_tokens"] += t.hit_blocks * pool.block_size
+            d["load_s"] += t.load_s
+            d["blocks_held"] += len(t.blocks)
+    for d in out.values():
+        d["hit_rate"] = d["hit_tokens"] / prompt_tokens
+    if out:
+        out["dropped_blocks"] = dropped
+    return out
 
 
 def _tenant(sub: pd.DataFrame, met: pd.Series, duration: float) -> dict:
@@ -130,7 +152,8 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
         },
         "prefix_cache": {"hit_tokens": int(df["cached_prompt_tokens"].sum()),
                          "hit_rate": float(df["cached_prompt_tokens"].sum() / max(df["prompt_tokens"].sum(), 1)),
-                         "evicted_blocks": int(sum(p.evictions for p in result.pools))},
+                         "evicted_blocks": int(sum(p.evictions for p in result.pools)),
+                         "offload": _offload(result, max(int(df["prompt_tokens"].sum()), 1))},
         "sim": {"wall_s": result.wall_s, "peak_rss_mb": result.peak_rss_mb,
                 "iterations": int(sum(s.iterations for s in m.replicas)), "events": int(result.events),
                 "simulated_s": duration},

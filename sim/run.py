@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import simpy
 
-from servesim.hwmodels.catalog import get_gpu, get_model
+from servesim.hwmodels.catalog import GIB, get_gpu, get_model
 from servesim.hwmodels.linear import LinearModel
 from servesim.hwmodels.memory import engine_constants, plan_memory
 from servesim.hwmodels.roofline import RooflineModel
@@ -21,6 +21,7 @@ from .config import Config
 from .cluster import Cluster
 from .errors import ConfigError, ServesimError
 from .kv_cache import BlockPool
+from .kv_offload import OffloadStore, Tier
 from .metrics import Metrics
 from .replica import Replica
 
@@ -133,7 +134,8 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
         n_gpus = tp * pp
         for _ in range(g.count):
             i = len(replicas)
-            pool = BlockPool(blocks, e.block_size, enable_prefix_caching=e.enable_prefix_caching, eviction=eviction)
+            pool = BlockPool(blocks, e.block_size, enable_prefix_caching=e.enable_prefix_caching, eviction=eviction,
+                             offload=offload_store(e, plan))
             sched = scheduler(e)
             name = g.name or f"{gpu.name}/{model.name}"
             if pm.name == "measured":
@@ -151,6 +153,15 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
     cluster = Cluster(env, replicas, router, admission, metrics)
     workload = build_workload(cfg.workload, wl_rng, base_dir)
     return cluster, replicas, infos, workload
+
+
+def offload_store(e, plan):
+    """The replica's KV offload tiers, sized in blocks of this model's per-GPU KV bytes (None without)."""
+    if not e.kv_offload:
+        return None
+    block_bytes = plan.kv_bytes_per_token * e.block_size
+    return OffloadStore([Tier(t.name, int(t.capacity_gib * GIB // block_bytes), t.bandwidth_gbps * 1e9)
+                         for t in e.kv_offload], block_bytes)
 
 
 def simulate(cfg: Config, base_dir: Path | None = None, progress=None, measured_reference: bool = False,

@@ -166,3 +166,18 @@ def test_a_run_cut_by_max_sim_time_stops_at_the_same_token():
     (rf, _), (rp, _) = _both(raw)
     assert rf.metrics.itl.n == rp.metrics.itl.n
     assert [r.num_output for r in rf.metrics.requests] == [r.num_output for r in rp.metrics.requests]
+
+
+def test_kv_offload_tiers_with_evictions_during_decode_runs():
+    """A small GPU pool with a small CPU and SSD tier: decode runs evict cached blocks into the tiers and
+    admissions load them back; both paths agree."""
+    raw = _fast_base()
+    raw["fleet"]["replicas"][0].update(count=2, engine={
+        "enable_prefix_caching": True, "num_gpu_blocks_override": 2500,
+        "kv_offload": [{"name": "cpu", "capacity_gib": 2, "bandwidth_gbps": 25},
+                       {"name": "ssd", "capacity_gib": 8, "bandwidth_gbps": 4}]})
+    raw["workload"] = {"kind": "trace", "path": "bundled:mooncake_conversation_head3000.jsonl.gz",
+                       "max_requests": 200, "rate_scale": 0.5}
+    res, df = _same(raw)
+    assert df["loaded_prompt_tokens"].sum() > 0
+    assert list(df["loaded_prompt_tokens"]) == list(_both(raw)[1][1]["loaded_prompt_tokens"])
