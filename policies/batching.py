@@ -130,6 +130,17 @@ class StaticBatching(ContinuousBatching):
         return self._forming and q.num_running < self.max_num_seqs
 
 
+class Orca(ContinuousBatching):
+    """Orca's iteration-level scheduling: the batch is re-formed every iteration (finished sequences
+    leave, new ones join) but prompts are never split: a prompt runs whole in the iteration that admits
+    it, alongside the running decodes (selective batching), so a long prompt stalls every decode for its
+    whole prefill. Reference: Yu et al., "Orca: A Distributed Serving System for Transformer-Based
+    Generative Models", OSDI 2022."""
+
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, enable_chunked_prefill: bool = False):
+        super().__init__(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill=False)
+
+
 class PrefillFirst(ContinuousBatching):
     """vLLM v0's default scheduler: whenever a waiting request can be admitted, the iteration runs prompts
     only (whole, as many as the budget and max_num_seqs allow) and the running decodes pause; otherwise it

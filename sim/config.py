@@ -226,7 +226,7 @@ Workload = Annotated[Union[TraceWorkload, SyntheticWorkload, MixWorkload], Field
 # --- policies, SLOs, cost, output ------------------------------------------------------------
 
 class SimpleBatching(Strict):
-    name: Literal["continuous", "static", "prefill_first", "edf"] = "continuous"
+    name: Literal["continuous", "static", "orca", "prefill_first", "edf"] = "continuous"
 
 
 class PriorityBatching(Strict):
@@ -356,7 +356,7 @@ class Config(Strict):
 # --- loading ---------------------------------------------------------------------------------
 _TAGS = {"trace", "synthetic", "mix", "poisson", "gamma", "constant", "all_at_once", "closed_loop", "fixed", "uniform",
          "lognormal", "independent", "pairs", "roofline", "linear", "measured", "accept_all", "max_queue", "token_bucket", "slo_shedding",
-         "continuous", "static", "prefill_first", "edf", "priority", "sjf",
+         "continuous", "static", "orca", "prefill_first", "edf", "priority", "sjf",
          "round_robin", "random", "least_outstanding", "least_kv", "power_of_two", "prefix_aware", "session_affinity"}
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import BASE, run_raw
-from servesim.policies.batching import (ContinuousBatching, EarliestDeadlineFirst, PrefillFirst, PriorityClasses,
-                                        ShortestJobFirst)
+from servesim.policies.batching import (ContinuousBatching, EarliestDeadlineFirst, Orca, PrefillFirst,
+                                        PriorityClasses, ShortestJobFirst)
 from servesim.sim.kv_cache import BlockPool
 from servesim.sim.request import Request
 
@@ -112,6 +112,17 @@ def test_sjf_oracle_and_noisy_predictors():
     assert s.predicted == {r.id: p for r, p in zip(reqs, predicted)}
 
 
+def test_orca_runs_a_prompt_whole_alongside_the_decodes():
+    q = Queue()
+    _decoding(q, _req(0, 40))
+    q.waiting.extend([_req(1, 300), _req(2, 100)])
+    s = Orca(8, 256)
+    assert _ids(s.schedule(q, 0.0)) == [(0, 1)]                    # 300 > 255 left: not split, waits
+    q2 = Queue()
+    q2.waiting.extend([_req(1, 300), _req(2, 100)])
+    assert _ids(s.schedule(q2, 0.0)) == [(1, 300)]                 # alone it runs whole, over the budget
+
+
 def test_prefill_first_pauses_decodes_while_prompts_can_be_admitted():
     q = Queue()
     _decoding(q, _req(0, 40))
@@ -136,7 +147,8 @@ def _mixed(policy, **params):
     return run_raw(raw)[1]
 
 
-@pytest.mark.parametrize("policy, params", [("continuous", {}), ("static", {}), ("prefill_first", {}), ("edf", {}),
+@pytest.mark.parametrize("policy, params", [("continuous", {}), ("static", {}), ("orca", {}), ("prefill_first", {}),
+                                            ("edf", {}),
                                             ("priority", {"priorities": {"interactive": 0}}),
                                             ("sjf", {}), ("sjf", {"predictor": "noisy", "noise_sigma": 0.8})])
 def test_every_batching_policy_serves_every_request(policy, params):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import BASE, run_raw
-from servesim.policies.eviction import FIFO, LRU
+from servesim.policies.eviction import FIFO, LFU, LRU
 from servesim.sim.kv_cache import BlockPool
 from servesim.sim.request import Request
 
@@ -81,6 +81,32 @@ def test_eviction_order_is_the_policy_sort_key(policy, expected):
         evicted.append(r.blocks[0])
     assert evicted[0] == 2 and evicted[1:] == expected
     assert pool.evictions == 2 and pool.by_hash == {}
+
+
+def test_lfu_evicts_the_least_hit_block_first_then_the_least_recent():
+    pool = BlockPool(4, 4, enable_prefix_caching=True, eviction=LFU())
+    blocks = {}
+    for t, ident in enumerate((10, 20, 30), start=1):     # three cached one-block prefixes, freed at t = 1, 2, 3
+        pool.now = float(t)
+        r = req(ident, 4, ids=[ident], tb=4)
+        pool.allocate(r, 4)
+        pool.register_full_blocks(r, 0, 4)
+        blocks[ident] = r.blocks[0]
+        pool.free(r)
+    # prefix 10 is hit twice and 30 once (each hit re-frees it later), 20 never
+    for t, ident in ((4.0, 10), (5.0, 30), (6.0, 10)):
+        pool.now = t
+        r = req(100 + int(t), 8, ids=[ident, 99], tb=4)
+        hits = pool.lookup(r, 7)
+        assert hits == [blocks[ident]]
+        pool.allocate(r, 4, hits)
+        pool.free(r)
+    evicted = []
+    for i in range(4):                                    # the plain block first, then hits 0 < 1 < 2
+        r = req(200 + i, 4)
+        pool.allocate(r, 4)
+        evicted.append(r.blocks[0])
+    assert evicted[1:] == [blocks[20], blocks[30], blocks[10]]
 
 
 def test_small_pool_forces_preemptions_and_every_request_still_finishes(base_raw):
