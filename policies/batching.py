@@ -4,7 +4,8 @@ A policy works on the replica's queues (`sim.replica.Replica`): `waiting` (a deq
 (a list, admission order: the admitted requests it may schedule; with pipeline parallelism those whose
 micro-batch is in flight sit out), `num_running` (every admitted request, in flight or not), `pool` (the
 KV block pool) and `preempt(req)` (recompute preemption: blocks freed, progress lost, back to the
-waiting front).
+waiting front; with swap preemption the KV is kept in CPU memory instead: the request then carries
+`swapped_tokens`, and `swap_in(req)` is called when it is readmitted with its blocks).
 It returns [(request, num_new_tokens), ...]. It keeps no clock and no state between steps.
 """
 from __future__ import annotations
@@ -94,9 +95,13 @@ class ContinuousBatching:
         while waiting and budget > 0 and self.can_admit(q):
             j = min(range(len(waiting)), key=lambda k: (self.key(waiting[k], now), k)) if ordered else 0
             req = waiting[j]
-            hits = pool.lookup(req, req.num_tokens - 1)    # at least one token must be computed
-            loads = pool.lookup_offloaded(req, len(hits), req.num_tokens - 1)
-            cached = (len(hits) + len(loads)) * pool.block_size
+            swapped = req.swapped_tokens                    # its KV waits in CPU memory: copied back, not recomputed
+            if swapped:
+                hits, loads, cached = (), (), swapped
+            else:
+                hits = pool.lookup(req, req.num_tokens - 1)    # at least one token must be computed
+                loads = pool.lookup_offloaded(req, len(hits), req.num_tokens - 1)
+                cached = (len(hits) + len(loads)) * pool.block_size
             n = req.num_tokens - cached
             if n > budget:
                 if not self.chunked and out:
@@ -108,7 +113,10 @@ class ContinuousBatching:
             del waiting[j]
             running.append(req)
             req.num_computed = cached
-            req.num_cached_tokens = max(req.num_cached_tokens, cached)
+            if swapped:
+                q.swap_in(req)
+            else:
+                req.num_cached_tokens = max(req.num_cached_tokens, cached)
             out.append((req, n))
             budget -= n
 

@@ -38,6 +38,11 @@ class EngineConfig(Strict):
     num_gpu_blocks_override: Optional[PositiveInt] = None
     scheduler_overhead_ms: NonNegativeFloat = 0.0
     runtime_overhead_gib: Optional[NonNegativeFloat] = None
+    preemption_mode: Literal["recompute", "swap"] = Field(
+        "recompute", description="swap: a preempted request's KV goes to CPU memory and comes back (vLLM v0)")
+    swap_space_gib: NonNegativeFloat = Field(4.0, description="CPU memory for swapped KV, per GPU (vLLM's default)")
+    swap_bandwidth_gbps: PositiveFloat = Field(
+        25.0, description="GPU<->CPU copy bandwidth, GB/s per GPU (PCIe 4.0 x16: 32 GB/s raw, ~25 achieved)")
     kv_offload: list[OffloadTierConfig] = Field(default_factory=list,
                                                 description="tiers evicted prefix blocks move down (e.g. cpu, ssd)")
 

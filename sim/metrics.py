@@ -90,6 +90,8 @@ class ReplicaStats:
     prefill_tokens: int = 0
     decode_tokens: int = 0
     preemptions: int = 0
+    swaps: int = 0                 # preemptions that swapped the KV out (the rest recomputed)
+    swap_s: float = 0.0            # seconds of swap-out and swap-in copies
     kv_block_seconds: float = 0.0  # integral of referenced KV blocks over busy time
     samples: list = field(default_factory=list)  # (t, waiting, running, kv_used_blocks)
     last_sample: float = -math.inf

@@ -26,7 +26,7 @@ from .request import FINISHED
 class Replica:
     def __init__(self, env, index: int, scheduler, pool, model, metrics, *, max_model_len: int,
                  check_invariants: bool = False, pp: int = 1, fast_decode: bool = True,
-                 stop_time: float = math.inf):
+                 stop_time: float = math.inf, swap=None):
         self.env = env
         self.index = index
         self.scheduler = scheduler
@@ -53,6 +53,9 @@ class Replica:
         self.fast_decode = (fast_decode and pp == 1 and not self._ids and hasattr(scheduler, "steady_decode")
                             and hasattr(model, "decode_steps"))
         self.on_done = None                 # cluster callback(req, now)
+        # preemption by swapping: (CPU capacity in blocks, seconds to copy one block); None: recompute
+        self.swap, self.swap_used = swap, 0
+        self.pending_s = 0.0                # copy time owed by the step being formed (swap-outs)
         self.process = env.process(self._loop())
 
     # --- read-only view for routers and admission --------------------------------------
@@ -99,6 +102,15 @@ class Replica:
             self._wakeup.succeed()
 
     def preempt(self, req) -> None:
+        """Recompute preemption, or swap when configured and the CPU swap space has room: the KV is copied out
+        in the step being formed and back in the step that readmits it (swap_in), nothing is recomputed."""
+        n = -(-req.num_computed // self.pool.block_size)      # blocks holding computed KV (swap_in: the same)
+        if self.swap is not None and n and self.swap_used + n <= self.swap[0]:
+            self.swap_used += n
+            req.swapped_tokens = req.num_computed
+            self.pending_s += n * self.swap[1]
+            self.stats.swaps += 1
+            self.stats.swap_s += n * self.swap[1]
         self.pool.free(req)
         if self._release:
             self._release(req.id)
@@ -106,6 +118,14 @@ class Replica:
         req.preemptions += 1
         self.stats.preemptions += 1
         self.waiting.appendleft(req)
+
+    def swap_in(self, req) -> None:
+        """A swapped-out request is readmitted with its blocks allocated: copy its KV back, in this step."""
+        n = -(-req.swapped_tokens // self.pool.block_size)
+        self.swap_used -= n
+        req.load_s += n * self.swap[1]
+        self.stats.swap_s += n * self.swap[1]
+        req.swapped_tokens = 0
 
     # --- the loop -----------------------------------------------------------------------
     def _loop(self):
@@ -130,7 +150,7 @@ class Replica:
             shape = BatchShape()
             decode, pre_new, pre_cached = shape.decode_cached, shape.prefill_new, shape.prefill_cached
             sampled = 0
-            load_s = 0.0
+            load_s, self.pending_s = self.pending_s, 0.0  # swap-outs of this schedule, then loads below
             for req, n in batch:
                 if req.first_scheduled != req.first_scheduled:  # NaN: first time
                     req.first_scheduled = now

@@ -131,6 +131,8 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
             "rejected_by_reason": dict(sorted(result.rejections.items())),
             "preempted": int((df["preemptions"] > 0).sum()),
             "preemptions": int(df["preemptions"].sum()),
+            "swapped": int(sum(s.swaps for s in m.replicas)),
+            "swap_s": float(sum(s.swap_s for s in m.replicas)),
         },
         "latency_ms": latency,
         "throughput": {

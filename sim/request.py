@@ -16,7 +16,7 @@ class Request:
         "prefix_ids", "prefix_block_size",
         # sequence state
         "num_computed", "num_output", "blocks", "block_hashes", "num_cached_tokens", "preemptions",
-        "num_loaded_tokens", "load_s",
+        "num_loaded_tokens", "load_s", "swapped_tokens",
         # record
         "replica", "first_scheduled", "first_token", "finish", "last_token", "outcome", "reason", "on_finish",
     )
@@ -40,6 +40,7 @@ class Request:
         self.preemptions = 0
         self.num_loaded_tokens = 0                # prompt tokens loaded back from KV offload tiers
         self.load_s = 0.0                         # loading time owed by the step that admits it
+        self.swapped_tokens = 0                   # KV tokens swapped out to CPU memory while it waits
         self.replica = -1
         self.first_scheduled = math.nan
         self.first_token = math.nan

@@ -142,7 +142,8 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
                 step_model = measured()
             replicas.append(Replica(env, i, sched, pool, step_model, metrics, max_model_len=max_len,
                                     check_invariants=cfg.sim.check_invariants, pp=pp,
-                                    fast_decode=cfg.sim.fast_decode, stop_time=cfg.sim.max_sim_time_s or math.inf))
+                                    fast_decode=cfg.sim.fast_decode, stop_time=cfg.sim.max_sim_time_s or math.inf,
+                                    swap=swap_space(e, plan)))
             infos.append(ReplicaInfo(i, name, gpu.name, model.name, tp, pp, n_gpus, price,
                                      n_gpus * gpu.peak_flops(g.dtype), n_gpus * gpu.mem_bw, blocks, e.block_size,
                                      plan.describe()))
@@ -153,6 +154,14 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
     cluster = Cluster(env, replicas, router, admission, metrics)
     workload = build_workload(cfg.workload, wl_rng, base_dir)
     return cluster, replicas, infos, workload
+
+
+def swap_space(e, plan):
+    """(CPU swap space in KV blocks, seconds to copy one block) for preemption_mode swap; None otherwise."""
+    if e.preemption_mode != "swap":
+        return None
+    block_bytes = plan.kv_bytes_per_token * e.block_size
+    return int(e.swap_space_gib * GIB // block_bytes), block_bytes / (e.swap_bandwidth_gbps * 1e9)
 
 
 def offload_store(e, plan):
