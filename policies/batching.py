@@ -138,6 +138,30 @@ class StaticBatching(ContinuousBatching):
         return self._forming and q.num_running < self.max_num_seqs
 
 
+class DynamicBatching(StaticBatching):
+    """The dynamic batcher of model servers (Triton's max batch size + max queue delay; Clipper's adaptive
+    batching): request-level batches, as `static`, that launch when max_num_seqs requests wait or the oldest
+    has waited timeout_ms, whichever comes first. The engine sleeps until then (wake_at) unless an arrival
+    fills the batch sooner. Reference: NVIDIA Triton Inference Server, dynamic batcher; Crankshaw et al.,
+    "Clipper", NSDI 2017."""
+
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, enable_chunked_prefill: bool = False,
+                 timeout_ms: float = 50.0):
+        super().__init__(max_num_seqs, max_num_batched_tokens)
+        self.timeout_s = timeout_ms / 1000.0
+
+    def wake_at(self, q, now: float) -> float | None:
+        """When a batch must launch though it is not full: the oldest waiting request's deadline."""
+        if q.num_running or not q.waiting:
+            return None
+        return min(r.arrival for r in q.waiting) + self.timeout_s
+
+    def schedule(self, q, now: float) -> list:
+        if q.num_running == 0 and q.waiting and len(q.waiting) < self.max_num_seqs and now < self.wake_at(q, now):
+            return []                                # not full and nobody waited long enough: hold
+        return super().schedule(q, now)
+
+
 class Orca(ContinuousBatching):
     """Orca's iteration-level scheduling: the batch is re-formed every iteration (finished sequences
     leave, new ones join) but prompts are never split: a prompt runs whole in the iteration that admits

@@ -6,6 +6,7 @@ from . import admission, batching, eviction, routing
 BATCHING = {
     "continuous": (batching.ContinuousBatching, "vLLM v1 continuous batching with a token budget (chunked prefill optional)"),
     "static": (batching.StaticBatching, "request-level batching: a new batch only when the previous one has drained"),
+    "dynamic": (batching.DynamicBatching, "request-level batches launched when full or after a timeout (Triton)"),
     "orca": (batching.Orca, "iteration-level batching with whole prompts (no chunked prefill)"),
     "prefill_first": (batching.PrefillFirst, "vLLM v0: whole prompts first, decodes pause while any can be admitted"),
     "priority": (batching.PriorityClasses, "admit by SLO-class priority, preempt the lowest priority first"),

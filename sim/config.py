@@ -240,13 +240,19 @@ class PriorityBatching(Strict):
                                        description="SLO class -> priority, lower first (unlisted classes: 0)")
 
 
+class DynamicBatchingConfig(Strict):
+    name: Literal["dynamic"]
+    timeout_ms: PositiveFloat = Field(50.0, description="launch a batch not yet full once its oldest request waited this")
+
+
 class SJFBatching(Strict):
     name: Literal["sjf"]
     predictor: Literal["oracle", "noisy"] = "oracle"
     noise_sigma: NonNegativeFloat = Field(0.5, description="noisy: lognormal error, standard deviation in log space")
 
 
-Batching = Annotated[Union[SimpleBatching, PriorityBatching, SJFBatching], Field(discriminator="name")]
+Batching = Annotated[Union[SimpleBatching, PriorityBatching, SJFBatching, DynamicBatchingConfig],
+                     Field(discriminator="name")]
 
 
 class SimpleRouting(Strict):
@@ -361,7 +367,7 @@ class Config(Strict):
 # --- loading ---------------------------------------------------------------------------------
 _TAGS = {"trace", "synthetic", "mix", "poisson", "gamma", "constant", "all_at_once", "closed_loop", "fixed", "uniform",
          "lognormal", "independent", "pairs", "roofline", "linear", "measured", "accept_all", "max_queue", "token_bucket", "slo_shedding",
-         "continuous", "static", "orca", "prefill_first", "edf", "priority", "sjf",
+         "continuous", "static", "dynamic", "orca", "prefill_first", "edf", "priority", "sjf",
          "round_robin", "random", "least_outstanding", "least_kv", "power_of_two", "prefix_aware", "session_affinity"}
 
 

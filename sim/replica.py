@@ -145,6 +145,10 @@ class Replica:
                 if self.num_flying:              # everything schedulable is in the pipeline
                     yield from self._sleep()
                     continue
+                wake = self.scheduler.wake_at(self, now) if hasattr(self.scheduler, "wake_at") else None
+                if wake is not None and wake > now:   # the policy holds its batch back until then (or an arrival)
+                    yield from self._sleep(wake)
+                    continue
                 raise RuntimeError(f"replica {self.index}: nothing schedulable with {len(self.waiting)} waiting "
                                    f"and {len(self.running)} running at t={now}; this is a servesim bug")
             shape = BatchShape()
@@ -196,9 +200,15 @@ class Replica:
                 self._launch(batch, now, dt)
                 yield env.timeout(self.stage_free[0] - now)
 
-    def _sleep(self):
-        self._wakeup = self.env.event()
-        yield self._wakeup
+    def _sleep(self, until: float | None = None):
+        """Until add() or a landing micro-batch wakes the replica, or (given) the SCHEDULE phase of `until`."""
+        wakeup = self._wakeup = self.env.event()
+        if until is not None:
+            def ring(_ev):
+                if self._wakeup is wakeup and not wakeup.triggered:
+                    wakeup.succeed()
+            at_time(self.env, until, SCHEDULE).callbacks.append(ring)
+        yield wakeup
         self._wakeup = None
 
     def _launch(self, batch, now: float, stage_s: float) -> None:

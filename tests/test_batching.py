@@ -135,6 +135,30 @@ def test_prefill_first_pauses_decodes_while_prompts_can_be_admitted():
     assert _ids(s.schedule(q, 0.0)) == [(0, 1), (1, 1), (2, 1)]     # nothing to admit: everyone decodes
 
 
+def _dynamic(max_num_seqs, n=6):
+    """Steps of 1/64 s (binary fractions: exact sums), prompts of 10 and 2 output tokens, a request every 1/16 s,
+    dynamic batching with a 1/8 s timeout."""
+    raw = copy.deepcopy(BASE)
+    raw["fleet"]["replicas"][0].update(perf_model={"name": "linear", "base_s": 1 / 64},
+                                       engine={"max_num_seqs": max_num_seqs})
+    raw["policies"] = {"batching": {"name": "dynamic", "timeout_ms": 125.0}}
+    raw["workload"] = {"kind": "synthetic", "num_requests": n, "arrival": {"process": "constant", "rate": 16.0},
+                       "lengths": {"kind": "independent", "input": {"dist": "fixed", "value": 10},
+                                   "output": {"dist": "fixed", "value": 2}}}
+    return run_raw(raw)[1]
+
+
+def test_dynamic_batching_launches_on_timeout_or_when_full():
+    # timeout: request 0 waits until 1/8 s, when request 2 arrives (arrivals precede batch formation): {0, 1, 2}
+    # run 1/8 -> 5/32 (prefill + 1 decode); request 3 at 3/16 waits until 5/16, when 5 arrives: {3, 4, 5}
+    df = _dynamic(max_num_seqs=8)
+    assert df["first_scheduled_s"].tolist() == [0.125] * 3 + [0.3125] * 3
+    assert df["finish_s"].tolist() == [0.15625] * 3 + [0.34375] * 3
+    # full: with batches of 2 the second request launches them at once
+    df = _dynamic(max_num_seqs=2)
+    assert df["first_scheduled_s"].tolist() == [0.0625, 0.0625, 0.1875, 0.1875, 0.3125, 0.3125]
+
+
 def _mixed(policy, **params):
     raw = copy.deepcopy(BASE)
     raw["sim"] = {}
@@ -147,7 +171,8 @@ def _mixed(policy, **params):
     return run_raw(raw)[1]
 
 
-@pytest.mark.parametrize("policy, params", [("continuous", {}), ("static", {}), ("orca", {}), ("prefill_first", {}),
+@pytest.mark.parametrize("policy, params", [("continuous", {}), ("static", {}), ("dynamic", {}), ("orca", {}),
+                                            ("prefill_first", {}),
                                             ("edf", {}),
                                             ("priority", {"priorities": {"interactive": 0}}),
                                             ("sjf", {}), ("sjf", {"predictor": "noisy", "noise_sigma": 0.8})])
