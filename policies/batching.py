@@ -247,3 +247,52 @@ class ShortestJobFirst(ContinuousBatching):
             p = req.output_tokens * (float(self.rng.lognormal(0.0, self.sigma)) if self.noisy else 1.0)
             self.predicted[req.id] = p
         return (p, req.arrival)
+
+
+class FairShare(ContinuousBatching):
+    """Weighted fair sharing between tenants with the Virtual Token Counter (Sheng et al., "Fairness in
+    Serving Large Language Models", OSDI 2024): each tenant's counter grows by the tokens it is served
+    (prompt and generated alike) divided by its weight, and waiting requests are admitted from the tenant
+    with the smallest counter (FCFS within a tenant). A tenant that was idle has its counter lifted to the
+    smallest counter among the tenants already backlogged, so idleness banks no credit. Preemption picks
+    the running request of the most-served tenant (latest admitted among equals).
+
+    Tokens served in a run of decode steps that skipped the scheduler (the fast path) are counted at the next
+    schedule() from the requests' progress. Tokens are summed as integers and divided by the weight only when
+    compared, so the counters, and every decision, are the plain path's to the bit."""
+
+    def __init__(self, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill=True, weights=None):
+        super().__init__(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+        self.weights = dict(weights or {})
+        self.served: dict[str, int] = {}       # tokens served per tenant
+        self.lift: dict[str, float] = {}       # credit added when an idle tenant became backlogged
+        self._seen: dict[int, int] = {}        # running request id -> tokens it had been counted for
+        self._backlogged: set = set()
+
+    def counter(self, tenant: str) -> float:
+        return self.lift.get(tenant, 0.0) + self.served.get(tenant, 0) / self.weights.get(tenant, 1.0)
+
+    def key(self, req, now):
+        return (self.counter(req.tenant), req.arrival)
+
+    def _serve(self, tenant: str, tokens: int) -> None:
+        self.served[tenant] = self.served.get(tenant, 0) + tokens
+
+    def schedule(self, q, now: float) -> list:
+        for r in q.running:                    # progress made without a schedule() call (decode runs)
+            done = r.num_computed - self._seen.get(r.id, r.num_computed)
+            if done > 0:
+                self._serve(r.tenant, done)
+        active = {r.tenant for r in q.waiting} | {r.tenant for r in q.running}
+        floor = [self.counter(t) for t in active & self._backlogged]
+        for t in active - self._backlogged:    # newly backlogged: no credit for the idle time
+            if floor and self.counter(t) < min(floor):
+                self.lift[t] = self.lift.get(t, 0.0) + min(floor) - self.counter(t)
+        out = super().schedule(q, now)
+        for r, n in out:
+            self._serve(r.tenant, n)
+        self._seen = {r.id: r.num_computed for r in q.running}
+        for r, n in out:
+            self._seen[r.id] = r.num_computed + n
+        self._backlogged = {r.tenant for r in q.waiting} | {r.tenant for r in q.running}
+        return out

@@ -11,6 +11,7 @@ BATCHING = {
     "prefill_first": (batching.PrefillFirst, "vLLM v0: whole prompts first, decodes pause while any can be admitted"),
     "priority": (batching.PriorityClasses, "admit by SLO-class priority, preempt the lowest priority first"),
     "edf": (batching.EarliestDeadlineFirst, "admit by first-token deadline (arrival + class TTFT SLO)"),
+    "fair": (batching.FairShare, "weighted fair sharing between tenants (Virtual Token Counter)"),
     "sjf": (batching.ShortestJobFirst, "admit the shortest predicted output first (oracle or noisy predictor)"),
 }
 ROUTING = {

@@ -245,13 +245,18 @@ class DynamicBatchingConfig(Strict):
     timeout_ms: PositiveFloat = Field(50.0, description="launch a batch not yet full once its oldest request waited this")
 
 
+class FairBatching(Strict):
+    name: Literal["fair"]
+    weights: dict[str, PositiveFloat] = Field(default_factory=dict, description="tenant -> share weight (unlisted: 1)")
+
+
 class SJFBatching(Strict):
     name: Literal["sjf"]
     predictor: Literal["oracle", "noisy"] = "oracle"
     noise_sigma: NonNegativeFloat = Field(0.5, description="noisy: lognormal error, standard deviation in log space")
 
 
-Batching = Annotated[Union[SimpleBatching, PriorityBatching, SJFBatching, DynamicBatchingConfig],
+Batching = Annotated[Union[SimpleBatching, PriorityBatching, SJFBatching, DynamicBatchingConfig, FairBatching],
                      Field(discriminator="name")]
 
 
@@ -367,7 +372,7 @@ class Config(Strict):
 # --- loading ---------------------------------------------------------------------------------
 _TAGS = {"trace", "synthetic", "mix", "poisson", "gamma", "constant", "all_at_once", "closed_loop", "fixed", "uniform",
          "lognormal", "independent", "pairs", "roofline", "linear", "measured", "accept_all", "max_queue", "token_bucket", "slo_shedding",
-         "continuous", "static", "dynamic", "orca", "prefill_first", "edf", "priority", "sjf",
+         "continuous", "static", "dynamic", "orca", "prefill_first", "edf", "priority", "sjf", "fair",
          "round_robin", "random", "least_outstanding", "least_kv", "power_of_two", "prefix_aware", "session_affinity"}
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import BASE, run_raw
-from servesim.policies.batching import (ContinuousBatching, EarliestDeadlineFirst, Orca, PrefillFirst,
+from servesim.policies.batching import (ContinuousBatching, EarliestDeadlineFirst, FairShare, Orca, PrefillFirst,
                                         PriorityClasses, ShortestJobFirst)
 from servesim.sim.kv_cache import BlockPool
 from servesim.sim.request import Request
@@ -175,7 +175,8 @@ def _mixed(policy, **params):
                                             ("prefill_first", {}),
                                             ("edf", {}),
                                             ("priority", {"priorities": {"interactive": 0}}),
-                                            ("sjf", {}), ("sjf", {"predictor": "noisy", "noise_sigma": 0.8})])
+                                            ("sjf", {}), ("sjf", {"predictor": "noisy", "noise_sigma": 0.8}),
+                                            ("fair", {"weights": {"interactive": 2}})])
 def test_every_batching_policy_serves_every_request(policy, params):
     df = _mixed(policy, **params)
     assert (df["outcome"] == "finished").all()
@@ -186,3 +187,53 @@ def test_sjf_lowers_mean_queueing_under_load_and_prefill_first_raises_tpot():
     fcfs, sjf = _mixed("continuous"), _mixed("sjf")
     assert sjf["queue_s"].mean() < fcfs["queue_s"].mean()
     assert _mixed("prefill_first")["tpot_s"].quantile(0.99) > fcfs["tpot_s"].quantile(0.99)
+
+
+def test_fair_share_admits_from_the_least_served_tenant_and_lifts_idle_ones():
+    s = FairShare(8, 64, True, weights={"a": 1.0, "b": 3.0})
+    s.served = {"a": 300, "b": 600}                    # counters: a 300, b 200
+    s._backlogged = {"a", "b"}
+    q = Queue()
+    ra, rb = _req(0, 16), _req(1, 16)
+    ra.tenant, rb.tenant = "a", "b"
+    q.waiting.extend([ra, rb])
+    assert [r.id for r, _ in s.schedule(q, 0.0)] == [1, 0]     # b first: 600 / 3 < 300
+    assert s.served == {"a": 316, "b": 616}
+    # tenant c arrives after idling with nothing served: lifted to the least backlogged counter, not 0
+    rc = _req(2, 16)
+    rc.tenant = "c"
+    q.waiting.append(rc)
+    s.schedule(q, 1.0)                                 # (a and b, never run here, are scheduled again)
+    assert s.lift == {"c": pytest.approx(616 / 3)}     # b's counter when c became backlogged
+    assert s.counter("c") == pytest.approx(616 / 3 + 16)
+
+
+def _two_tenants(batching):
+    raw = copy.deepcopy(BASE)
+    raw["sim"] = {}
+    raw["fleet"]["replicas"][0]["engine"] = {"max_num_seqs": 16}
+    part = {"kind": "synthetic", "num_requests": 300, "arrival": {"process": "poisson", "rate": 30.0},
+            "lengths": {"kind": "independent", "input": {"dist": "uniform", "low": 200, "high": 800},
+                        "output": {"dist": "uniform", "low": 100, "high": 300}}}
+    raw["workload"] = {"kind": "mix", "parts": [dict(part, tenant="a"), dict(part, tenant="b")]}
+    raw["policies"] = {"batching": batching}
+    return raw
+
+
+def _served_in_first_half(df):
+    """Tokens each tenant got while both were backlogged: outputs of requests finished in the first half."""
+    half = df["finish_s"].max() / 2
+    done = df[df["finish_s"] <= half]
+    return done.groupby("tenant")["output_tokens"].sum()
+
+
+def test_fair_share_splits_an_overloaded_replica_by_weight():
+    fcfs = _served_in_first_half(run_raw(_two_tenants({"name": "continuous"}))[1])
+    fair = _served_in_first_half(run_raw(_two_tenants({"name": "fair", "weights": {"a": 1, "b": 3}}))[1])
+    assert 0.7 < fcfs["b"] / fcfs["a"] < 1.4
+    assert 2.2 < fair["b"] / fair["a"] < 4.0
+
+
+def test_fair_share_keeps_the_fast_and_plain_paths_identical():
+    from test_fast_decode import _same
+    _same(_two_tenants({"name": "fair", "weights": {"a": 1, "b": 3}}))
