@@ -21,6 +21,7 @@ ROUTING = {
     "least_kv": (routing.LeastKVUsage, "most free KV-cache blocks"),
     "power_of_two": (routing.PowerOfTwoChoices, "the less loaded of two random replicas"),
     "prefix_aware": (routing.PrefixAware, "longest cached prompt prefix, least loaded when imbalanced (SGLang)"),
+    "tenant_pools": (routing.TenantPools, "each tenant on its own replicas; the others share the rest"),
     "session_affinity": (routing.SessionAffinity, "consistent hashing of the session id (sticky conversations)"),
 }
 ADMISSION = {

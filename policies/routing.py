@@ -151,3 +151,33 @@ class SessionAffinity:
         hashes, owners = self._ring
         j = bisect.bisect(hashes, self._hash(self.key(request))) % len(hashes)
         return owners[j]
+
+
+class TenantPools:
+    """Tenant isolation: each listed tenant is served only by its own replicas (`pools: {tenant: [index,
+    ...]}`), the least loaded of them; other tenants share the replicas in no pool (all of them if every
+    replica is pooled). A noisy tenant then cannot queue ahead of another's requests (as dedicated
+    deployments per tenant or per model do)."""
+
+    reads_kv_state = False
+
+    def __init__(self, rng=None, pools: dict | None = None):
+        self.pools = {t: list(ix) for t, ix in (pools or {}).items()}
+        self._rest: list[int] | None = None
+
+    def validate(self, num_replicas: int) -> None:
+        from servesim.sim.errors import ConfigError
+        for t, ix in self.pools.items():
+            bad = [i for i in ix if not 0 <= i < num_replicas]
+            if bad or not ix:
+                raise ConfigError(f"policies.routing.pools.{t}: replica indices must be in 0..{num_replicas - 1} "
+                                  f"and not empty (got {ix})")
+        pooled = {i for ix in self.pools.values() for i in ix}
+        self._rest = [i for i in range(num_replicas) if i not in pooled] or list(range(num_replicas))
+
+    def route(self, request, replicas, now):
+        if self._rest is None:
+            self.validate(len(replicas))
+        ix = self.pools.get(request.tenant, self._rest)
+        loads = [replicas[i].outstanding for i in ix]
+        return ix[loads.index(min(loads))]

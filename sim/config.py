@@ -276,7 +276,12 @@ class SessionAffinityRouting(Strict):
     virtual_nodes: PositiveInt = 160
 
 
-Routing = Annotated[Union[SimpleRouting, PrefixAwareRouting, SessionAffinityRouting],
+class TenantPoolsRouting(Strict):
+    name: Literal["tenant_pools"]
+    pools: dict[str, list[NonNegativeInt]] = Field(description="tenant -> the replica indices that serve it")
+
+
+Routing = Annotated[Union[SimpleRouting, PrefixAwareRouting, SessionAffinityRouting, TenantPoolsRouting],
                     Field(discriminator="name")]
 
 
@@ -373,7 +378,8 @@ class Config(Strict):
 _TAGS = {"trace", "synthetic", "mix", "poisson", "gamma", "constant", "all_at_once", "closed_loop", "fixed", "uniform",
          "lognormal", "independent", "pairs", "roofline", "linear", "measured", "accept_all", "max_queue", "token_bucket", "slo_shedding",
          "continuous", "static", "dynamic", "orca", "prefill_first", "edf", "priority", "sjf", "fair",
-         "round_robin", "random", "least_outstanding", "least_kv", "power_of_two", "prefix_aware", "session_affinity"}
+         "round_robin", "random", "least_outstanding", "least_kv", "power_of_two", "prefix_aware", "session_affinity",
+         "tenant_pools"}
 
 
 def _path(loc) -> str:

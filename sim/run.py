@@ -148,6 +148,8 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
                                      n_gpus * gpu.peak_flops(g.dtype), n_gpus * gpu.mem_bw, blocks, e.block_size,
                                      plan.describe()))
     router = registry.ROUTING[pol.routing.name][0](route_rng, **pol.routing.model_dump(exclude={"name"}))
+    if hasattr(router, "validate"):          # a router that names replicas checks them against the fleet
+        router.validate(len(replicas))
     adm_cls = registry.ADMISSION[pol.admission.name][0]
     adm_cfg = pol.admission.model_dump(exclude={"name"})
     admission = adm_cls.from_config(adm_cfg, cfg) if hasattr(adm_cls, "from_config") else adm_cls(**adm_cfg)

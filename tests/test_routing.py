@@ -128,3 +128,21 @@ def test_prefix_aware_routing_doubles_the_prefix_hit_rate_on_the_mooncake_trace(
 def test_every_router_runs_from_config(name):
     df = _run(name, range(30), count=3, output=2)
     assert (df["outcome"] == "finished").all() and set(df["replica"]) <= {0, 1, 2}
+
+
+def test_tenant_pools_keep_each_tenant_on_its_replicas():
+    from test_multitenant import _part
+    raw = copy.deepcopy(BASE)
+    raw["sim"] = {}
+    raw["fleet"]["replicas"][0]["count"] = 4
+    raw["workload"] = {"kind": "mix", "parts": [_part("chat", "default", 100, 20.0, 50, 300, 50),
+                                                _part("etl", "default", 100, 20.0, 50, 300, 50),
+                                                _part("misc", "default", 50, 10.0, 50, 300, 50)]}
+    raw["policies"] = {"routing": {"name": "tenant_pools", "pools": {"chat": [0], "etl": [1, 2]}}}
+    _, df = run_raw(raw)
+    assert set(df.loc[df["tenant"] == "chat", "replica"]) == {0}
+    assert set(df.loc[df["tenant"] == "etl", "replica"]) == {1, 2}
+    assert set(df.loc[df["tenant"] == "misc", "replica"]) == {3}         # the replica in no pool
+    raw["policies"]["routing"]["pools"]["etl"] = [1, 4]
+    with pytest.raises(Exception, match=r"policies.routing.pools.etl: replica indices must be in 0..3"):
+        run_raw(raw)
