@@ -8,17 +8,18 @@ from __future__ import annotations
 import math
 
 from .instant import ARRIVE, at
-from .request import REJECTED, Request
+from .request import FINISHED, REJECTED, Request
 
 
 class Cluster:
-    def __init__(self, env, replicas, router, admission, metrics):
+    def __init__(self, env, replicas, router, admission, metrics, response_cache=None):
         self.env = env
         self.replicas = replicas
         self.router = router
         self.admission = admission
         self.metrics = metrics
         self.rejections: dict[str, int] = {}
+        self.response_cache = response_cache     # policies/response_cache.py, or None
         self._next_arrival = None        # open loop: exact time of the next arrival event; None: unknown
         self.counts_only = not (getattr(router, "reads_kv_state", True) or getattr(admission, "reads_kv_state", True))
         self.max_request_tokens = max(r.max_request_tokens for r in replicas)
@@ -39,6 +40,8 @@ class Cluster:
     def submit(self, req: Request) -> None:
         now = self.env.now
         self.metrics.on_arrival(req, now)
+        if self.response_cache is not None and self.response_cache.lookup(req):
+            return self._answer_from_cache(req, now)
         if req.total_tokens > self.max_request_tokens:       # fits no replica
             return self._reject(req, self.replicas[0].fits(req), now)
         reason = self.admission.admit(req, self, now)
@@ -55,7 +58,16 @@ class Cluster:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
         self._done(req, now)
 
+    def _answer_from_cache(self, req: Request, now: float) -> None:
+        """The whole answer at once: every token at the arrival instant, no replica involved."""
+        req.first_scheduled = req.first_token = req.last_token = req.finish = now
+        req.num_output = req.output_tokens
+        req.outcome, req.reason = FINISHED, "response_cache"
+        self._done(req, now)
+
     def _done(self, req: Request, now: float) -> None:
+        if self.response_cache is not None and req.outcome == FINISHED:
+            self.response_cache.store(req)
         self.metrics.on_done(req, now)
         if req.on_finish is not None:
             req.on_finish(req)

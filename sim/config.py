@@ -318,11 +318,17 @@ class Eviction(Strict):
     name: Literal["lru", "fifo", "lfu"] = "lru"
 
 
+class ResponseCacheConfig(Strict):
+    enabled: bool = False
+    capacity: PositiveInt = Field(10000, description="answers kept (least recently used dropped)")
+
+
 class Policies(Strict):
     batching: Batching = SimpleBatching()
     routing: Routing = SimpleRouting()
     admission: Admission = AcceptAllAdmission()
     eviction: Eviction = Eviction()
+    response_cache: ResponseCacheConfig = ResponseCacheConfig()
 
 
 class SLOClass(Strict):

@@ -132,6 +132,7 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
             "preempted": int((df["preemptions"] > 0).sum()),
             "preemptions": int(df["preemptions"].sum()),
             "swapped": int(sum(s.swaps for s in m.replicas)),
+            "from_response_cache": int((df["reason"] == "response_cache").sum()),
             "swap_s": float(sum(s.swap_s for s in m.replicas)),
         },
         "latency_ms": latency,

@@ -15,6 +15,7 @@ from servesim.hwmodels.linear import LinearModel
 from servesim.hwmodels.memory import engine_constants, plan_memory
 from servesim.hwmodels.roofline import RooflineModel
 from servesim.policies import registry
+from servesim.policies.response_cache import ResponseCache
 from servesim.traces.workload import Workload, build_workload
 
 from .config import Config
@@ -153,7 +154,9 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
     adm_cls = registry.ADMISSION[pol.admission.name][0]
     adm_cfg = pol.admission.model_dump(exclude={"name"})
     admission = adm_cls.from_config(adm_cfg, cfg) if hasattr(adm_cls, "from_config") else adm_cls(**adm_cfg)
-    cluster = Cluster(env, replicas, router, admission, metrics)
+    rc = pol.response_cache
+    cluster = Cluster(env, replicas, router, admission, metrics,
+                      ResponseCache(rc.capacity) if rc.enabled else None)
     workload = build_workload(cfg.workload, wl_rng, base_dir)
     return cluster, replicas, infos, workload
 
