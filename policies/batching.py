@@ -162,6 +162,16 @@ class DynamicBatching(StaticBatching):
         return super().schedule(q, now)
 
 
+class Sarathi(ContinuousBatching):
+    """Sarathi-Serve's stall-free batching: decodes first, then prompt chunks filling the token budget, so
+    no iteration is stretched by a whole long prompt. `continuous` with chunked prefill forced on.
+    Reference: Agrawal et al., "Taming Throughput-Latency Tradeoff in LLM Inference with Sarathi-Serve",
+    OSDI 2024."""
+
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, enable_chunked_prefill: bool = True):
+        super().__init__(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill=True)
+
+
 class Orca(ContinuousBatching):
     """Orca's iteration-level scheduling: the batch is re-formed every iteration (finished sequences
     leave, new ones join) but prompts are never split: a prompt runs whole in the iteration that admits

@@ -30,3 +30,18 @@ class LFU:
 
     def key(self, pool, block: int):
         return (pool.hits[block], pool.last_used[block])
+
+
+class GDSF:
+    """Greedy-Dual-Size-Frequency (Cherkasova, HP Labs 1998; after Cao and Irani's GreedyDual-Size, USITS
+    1997), cost-aware: a block's value is L + (hits + 1) x cost / size, evicted lowest first, where L is the
+    value of the last block evicted (so blocks not reused age out) and cost is what losing it costs: the
+    prefix depth in tokens at its end, since recomputing a block attends over everything before it.
+    Blocks are one size. Deep blocks of long, reused prefixes stay; shallow and cold ones go first, which can
+    strand the deeper blocks of the same prefix (they are reachable only through it) until they age out."""
+
+    def key(self, pool, block: int):
+        L = pool.last_evicted_key or 0.0
+        h = pool.hash[block]
+        depth = h[1] if h[0] >= 0 else (h[1] + 1) * pool.block_size   # trace key (id, end) or private (-id, j)
+        return L + (pool.hits[block] + 1) * depth

@@ -7,6 +7,7 @@ BATCHING = {
     "continuous": (batching.ContinuousBatching, "vLLM v1 continuous batching with a token budget (chunked prefill optional)"),
     "static": (batching.StaticBatching, "request-level batching: a new batch only when the previous one has drained"),
     "dynamic": (batching.DynamicBatching, "request-level batches launched when full or after a timeout (Triton)"),
+    "sarathi": (batching.Sarathi, "decode-first with prompt chunks filling the token budget (Sarathi-Serve)"),
     "orca": (batching.Orca, "iteration-level batching with whole prompts (no chunked prefill)"),
     "prefill_first": (batching.PrefillFirst, "vLLM v0: whole prompts first, decodes pause while any can be admitted"),
     "priority": (batching.PriorityClasses, "admit by SLO-class priority, preempt the lowest priority first"),
@@ -34,4 +35,5 @@ EVICTION = {
     "lru": (eviction.LRU, "least recently used cached block first"),
     "fifo": (eviction.FIFO, "oldest cached block first"),
     "lfu": (eviction.LFU, "fewest prefix hits first"),
+    "gdsf": (eviction.GDSF, "cost-aware Greedy-Dual-Size-Frequency: cheap-to-recompute, cold blocks first"),
 }

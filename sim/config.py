@@ -231,7 +231,7 @@ Workload = Annotated[Union[TraceWorkload, SyntheticWorkload, MixWorkload], Field
 # --- policies, SLOs, cost, output ------------------------------------------------------------
 
 class SimpleBatching(Strict):
-    name: Literal["continuous", "static", "orca", "prefill_first", "edf"] = "continuous"
+    name: Literal["continuous", "static", "sarathi", "orca", "prefill_first", "edf"] = "continuous"
 
 
 class PriorityBatching(Strict):
@@ -315,7 +315,7 @@ Admission = Annotated[Union[AcceptAllAdmission, MaxQueueAdmission, TokenBucketAd
 
 
 class Eviction(Strict):
-    name: Literal["lru", "fifo", "lfu"] = "lru"
+    name: Literal["lru", "fifo", "lfu", "gdsf"] = "lru"
 
 
 class ResponseCacheConfig(Strict):
@@ -383,7 +383,7 @@ class Config(Strict):
 # --- loading ---------------------------------------------------------------------------------
 _TAGS = {"trace", "synthetic", "mix", "poisson", "gamma", "constant", "all_at_once", "closed_loop", "fixed", "uniform",
          "lognormal", "independent", "pairs", "roofline", "linear", "measured", "accept_all", "max_queue", "token_bucket", "slo_shedding",
-         "continuous", "static", "dynamic", "orca", "prefill_first", "edf", "priority", "sjf", "fair",
+         "continuous", "static", "dynamic", "sarathi", "orca", "prefill_first", "edf", "priority", "sjf", "fair",
          "round_robin", "random", "least_outstanding", "least_kv", "power_of_two", "prefix_aware", "session_affinity",
          "tenant_pools"}
 

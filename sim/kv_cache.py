@@ -33,6 +33,7 @@ class BlockPool:
         self.num_cached_free = 0
         self.num_used = 0
         self.evictions = 0
+        self.last_evicted_key = None         # the eviction key of the last block evicted (aging policies read it)
         self.now = 0.0
         self.offload = offload               # an OffloadStore (sim/kv_offload.py): where evicted prefix blocks go
 
@@ -182,9 +183,10 @@ class BlockPool:
         if self.free_plain:
             return self.free_plain.popleft()
         while True:
-            _, seq, b = heapq.heappop(self._heap)
+            key, seq, b = heapq.heappop(self._heap)
             if self._stamp[b] == seq:
                 break
+        self.last_evicted_key = key
         self._stamp[b] = -1
         self.num_cached_free -= 1
         if self.offload is not None:

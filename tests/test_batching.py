@@ -8,7 +8,7 @@ import pytest
 
 from conftest import BASE, run_raw
 from servesim.policies.batching import (ContinuousBatching, EarliestDeadlineFirst, FairShare, Orca, PrefillFirst,
-                                        PriorityClasses, ShortestJobFirst)
+                                        PriorityClasses, Sarathi, ShortestJobFirst)
 from servesim.sim.kv_cache import BlockPool
 from servesim.sim.request import Request
 
@@ -112,6 +112,13 @@ def test_sjf_oracle_and_noisy_predictors():
     assert s.predicted == {r.id: p for r, p in zip(reqs, predicted)}
 
 
+def test_sarathi_chunks_prompts_even_when_the_engine_says_not_to():
+    q = Queue()
+    _decoding(q, _req(0, 40))
+    q.waiting.extend([_req(1, 300)])
+    assert _ids(Sarathi(8, 256, enable_chunked_prefill=False).schedule(q, 0.0)) == [(0, 1), (1, 255)]
+
+
 def test_orca_runs_a_prompt_whole_alongside_the_decodes():
     q = Queue()
     _decoding(q, _req(0, 40))
@@ -171,7 +178,8 @@ def _mixed(policy, **params):
     return run_raw(raw)[1]
 
 
-@pytest.mark.parametrize("policy, params", [("continuous", {}), ("static", {}), ("dynamic", {}), ("orca", {}),
+@pytest.mark.parametrize("policy, params", [("continuous", {}), ("static", {}), ("dynamic", {}), ("sarathi", {}),
+                                            ("orca", {}),
                                             ("prefill_first", {}),
                                             ("edf", {}),
                                             ("priority", {"priorities": {"interactive": 0}}),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import BASE, run_raw
-from servesim.policies.eviction import FIFO, LFU, LRU
+from servesim.policies.eviction import FIFO, GDSF, LFU, LRU
 from servesim.sim.kv_cache import BlockPool
 from servesim.sim.request import Request
 
@@ -107,6 +107,32 @@ def test_lfu_evicts_the_least_hit_block_first_then_the_least_recent():
         pool.allocate(r, 4)
         evicted.append(r.blocks[0])
     assert evicted[1:] == [blocks[20], blocks[30], blocks[10]]
+
+
+def test_gdsf_evicts_cheap_cold_blocks_first_and_ages_with_the_last_eviction():
+    pool = BlockPool(4, 4, enable_prefix_caching=True, eviction=GDSF())
+    p = req(0, 8, ids=[10, 20], tb=4)                    # a two-block prefix: depths 4 and 8
+    pool.allocate(p, 8)
+    pool.register_full_blocks(p, 0, 8)
+    shallow, deep = p.blocks
+    pool.free(p)                                         # values 0 + 1 x 4 and 0 + 1 x 8
+    q = req(1, 4, ids=[30], tb=4)
+    pool.allocate(q, 4)
+    pool.register_full_blocks(q, 0, 4)
+    hot = q.blocks[0]
+    pool.free(q)                                         # 4 ...
+    again = req(2, 8, ids=[30, 99], tb=4)
+    pool.allocate(again, 4, pool.lookup(again, 7))       # ... hit once: re-freed at 0 + 2 x 4 = 8
+    pool.free(again)
+    evicted = []
+    for i in range(4):
+        r = req(10 + i, 4)
+        pool.allocate(r, 4)
+        evicted.append(r.blocks[0])
+        if i == 1:
+            assert pool.last_evicted_key == 4            # the clock L a block freed now would start from
+    assert evicted[1:] == [shallow, deep, hot]           # value 4, then the two 8s in the order they were freed
+    assert pool.last_evicted_key == 8
 
 
 def test_small_pool_forces_preemptions_and_every_request_still_finishes(base_raw):
