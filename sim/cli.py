@@ -39,10 +39,25 @@ def run(config: Path = typer.Argument(..., help="YAML config file"),
         no_plots: bool = typer.Option(False, "--no-plots", help="skip the PNG plots"),
         trace_events: Optional[Path] = typer.Option(None, "--trace-events", help="write every iteration as a "
                                                     "Chrome/Perfetto trace (open in ui.perfetto.dev)")):
-    """Simulate a config and write report.json, requests.csv, summary.md and plots."""
-    from .config import load_config
+    """Simulate a config and write report.json, requests.csv, summary.md and plots. Given a sweep file (a
+    comparison: base + grid), run it as `servesim sweep` does and write its comparison plot."""
+    from .config import load_config, load_raw
     from .report import summary_markdown, write_outputs
     from .run import simulate
+
+    raw = load_raw(config)
+    if "base" in raw and ("grid" in raw or "random" in raw):
+        if set_ or seed is not None or trace_events is not None:
+            from .errors import ConfigError
+            raise ConfigError(f"{config}: --set, --seed and --trace-events apply to one config, not to a sweep file")
+        from servesim.experiments.sweep import run_sweep
+        out = out or Path("runs") / str(raw.get("name", config.stem))
+        table, ran = run_sweep(config, out, progress=not quiet)       # per-point PNGs: servesim sweep --plots
+        if not quiet:
+            print(f"{len(table)} points ({ran} run now); wrote {out}/results.csv, {out}/comparison.png")
+        if (table["status"] != "ok").any():
+            raise typer.Exit(1)
+        return
 
     overrides = list(set_) + ([f"seed={seed}"] if seed is not None else [])
     cfg, base = load_config(config, overrides)

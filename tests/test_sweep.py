@@ -137,3 +137,16 @@ def test_the_ray_executor_gives_the_local_results(tmp_path):
     assert ran == 2
     cols = [c for c in local.columns if c.startswith(("latency_ms.", "throughput.", "requests."))]
     pd.testing.assert_frame_equal(local[["point"] + cols], remote[["point"] + cols])
+
+
+def test_servesim_run_of_a_comparison_file_runs_the_sweep(tmp_path):
+    from typer.testing import CliRunner
+
+    from servesim.sim.cli import app
+    spec = _write(tmp_path, {"grid": {"policies.routing.name": ["round_robin", "least_outstanding"]}})
+    out = CliRunner().invoke(app, ["run", str(spec), "-o", str(tmp_path / "cmp"), "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert len(pd.read_csv(tmp_path / "cmp" / "results.csv")) == 2
+    assert (tmp_path / "cmp" / "comparison.png").is_file()
+    bad = CliRunner().invoke(app, ["run", str(spec), "--seed", "3"])
+    assert bad.exit_code == 2 and "not to a sweep file" in bad.output
