@@ -77,6 +77,7 @@ class Cluster:
         return Request(i, now, int(w.prompt[i]), int(w.output[i]),
                        tenant=w.tenant if w.tenants is None else w.tenants[i],
                        slo_class=w.slo_class if w.slo_classes is None else w.slo_classes[i],
+                       session=int(w.sessions[i]) if w.sessions is not None else -1,
                        prefix_ids=w.prefix_ids[i] if w.prefix_ids is not None else None,
                        prefix_block_size=w.prefix_block_size)
 

@@ -97,7 +97,7 @@ class Fleet(Strict):
 
 
 # --- workload ------------------------------------------------------------------------------
-TraceFormat = Literal["azure", "mooncake", "lengths", "servesim"]
+TraceFormat = Literal["azure", "mooncake", "lengths", "servesim", "kv_cache_tester"]
 
 
 class Poisson(Strict):
@@ -180,6 +180,8 @@ class TraceWorkload(Strict):
     path: str
     format: Optional[TraceFormat] = None
     rate_scale: PositiveFloat = Field(1.0, description="2.0 replays the trace twice as fast")
+    conversation_interval_s: PositiveFloat = Field(
+        60.0, description="kv_cache_tester traces: conversation i starts at i x this (they share no clock)")
     prompt_scale: PositiveFloat = 1.0
     output_scale: PositiveFloat = 1.0
     sample_fraction: float = Field(1.0, gt=0, le=1)

@@ -83,3 +83,65 @@ def test_closed_loop_keeps_exactly_n_requests_in_flight(base_raw):
     assert (df["arrival_s"].to_numpy()[:8] == 0).all()
     finishes = set(np.round(df["finish_s"], 12))
     assert all(round(a, 12) in finishes for a in df["arrival_s"].to_numpy()[8:])
+
+
+def test_kv_cache_tester_conversations_load_with_sessions_and_scoped_block_ids():
+    import gzip
+    import json
+
+    from servesim.traces.loaders import DATA_DIR, load_trace, resolve_path
+    folder = resolve_path("bundled:kv_cache_tester_sample")
+    tr = load_trace(folder, conversation_interval_s=30.0)
+    files = sorted(folder.iterdir())
+    assert len(files) == 20 and set(tr.sessions.tolist()) == set(range(20))
+
+    def count(reqs):
+        return sum(count(r["requests"]) if r["type"] == "subagent" else 1 for r in reqs)
+    docs = [json.load(gzip.open(f)) for f in files]
+    for c, doc in enumerate(docs):
+        mine = tr.sessions == c
+        assert mine.sum() == count(doc["requests"])
+        first = doc["requests"][0]
+        # conversation c starts at c x 30 s (the trace's clock starts at its first request)
+        assert tr.arrival[mine].min() == pytest.approx(c * 30.0 + first["t"] - tr_start(docs))
+        ids = {h for i in np.flatnonzero(mine) for h in tr.prefix_ids[i]}
+        assert all(h >> 32 == c for h in ids)                     # ids scoped to their conversation
+    assert np.all(np.diff(tr.arrival) >= 0) and tr.prefix_block_size == 64
+    assert DATA_DIR in folder.parents
+
+
+def tr_start(docs):
+    return min(c * 30.0 + d["requests"][0]["t"] for c, d in enumerate(docs))
+
+
+def test_a_broken_conversation_file_is_named(tmp_path):
+    import gzip
+    import json
+
+    from servesim.traces.loaders import load_trace
+    (tmp_path / "trace_0001.json").write_text(json.dumps(
+        {"block_size": 64, "requests": [{"t": 0, "type": "n", "in": 130, "out": 5, "hash_ids": [1]}]}))
+    with pytest.raises(TraceError, match=r"trace_0001.json: requests\[0\]: expected in >= 1, out >= 1 and in // 64"):
+        load_trace(tmp_path)
+    with gzip.open(tmp_path / "trace_0001.json", "wt") as f:
+        f.write("{")
+    with pytest.raises(TraceError, match="not a kv-cache-tester conversation"):
+        load_trace(tmp_path)
+
+
+def test_session_affinity_keeps_agentic_conversations_on_their_cache():
+    import copy
+
+    from conftest import BASE, run_raw
+
+    def hit_rate(routing):
+        raw = copy.deepcopy(BASE)
+        raw["sim"] = {}
+        raw["fleet"]["replicas"][0].update(count=4, engine={"enable_prefix_caching": True})
+        raw["policies"] = {"routing": {"name": routing}}
+        raw["workload"] = {"kind": "trace", "path": "bundled:kv_cache_tester_sample", "max_requests": 300,
+                           "conversation_interval_s": 20}
+        _, df = run_raw(raw)
+        assert (df["reason"] == "exceeds_max_model_len").sum() > 0          # prompts beyond 128k are refused
+        return df["cached_prompt_tokens"].sum() / df["prompt_tokens"].sum()
+    assert hit_rate("session_affinity") > hit_rate("round_robin") + 0.1

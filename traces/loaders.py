@@ -5,6 +5,10 @@ Formats (plain or .gz):
 - mooncake: JSONL `{"timestamp": ms, "input_length", "output_length", "hash_ids": [...]}` (512-token blocks)
 - lengths:  CSV `num_prefill_tokens,num_decode_tokens[,...]` (ShareGPT / arXiv length pairs; no times)
 - servesim: CSV `arrival_s,prompt_tokens,output_tokens`
+- kv_cache_tester: a folder of `trace_NNNN.json[.gz]` files, one agentic (Claude Code) conversation each:
+  requests with `t` (s since the conversation's first request), `in`, `out`, `hash_ids` (64-token blocks,
+  scoped per conversation) and nested sub-agent requests. There is no common clock across conversations:
+  conversation i starts at i x conversation_interval_s.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import pandas as pd
 from servesim.sim.errors import TraceError
 
 DATA_DIR = Path(__file__).parent / "data"
-FORMATS = ("azure", "mooncake", "lengths", "servesim")
+FORMATS = ("azure", "mooncake", "lengths", "servesim", "kv_cache_tester")
 
 
 @dataclass
@@ -31,6 +35,7 @@ class Trace:
     prefix_ids: list | None = None          # per request: prefix-chained block ids
     prefix_block_size: int = 0
     source: str = ""
+    sessions: np.ndarray | None = None      # per request: its conversation (kv_cache_tester)
 
     def __len__(self) -> int:
         return int(self.prompt.size)
@@ -41,19 +46,21 @@ def resolve_path(path: str, base_dir: Path | None = None) -> Path:
     the config file's folder, then the working directory."""
     if path.startswith("bundled:"):
         p = DATA_DIR / path[len("bundled:"):]
-        if not p.is_file():
-            avail = ", ".join(sorted(f.name for f in DATA_DIR.iterdir() if f.is_file()))
+        if not (p.is_file() or (p.is_dir() and p.name != "LICENSES")):
+            avail = ", ".join(sorted(f.name for f in DATA_DIR.iterdir() if f.name not in ("LICENSES", "README.md")))
             raise TraceError(f"no bundled trace {path!r}; bundled: {avail}")
         return p
     p = Path(path).expanduser()
     tried = [p] if p.is_absolute() else ([base_dir / p] if base_dir else []) + [Path.cwd() / p]
     for c in tried:
-        if c.is_file():
+        if c.is_file() or c.is_dir():
             return c
     raise TraceError(f"trace file not found: {path} (looked at {', '.join(str(c) for c in tried)})")
 
 
 def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "kv_cache_tester"
     name = path.name.lower().removesuffix(".gz")
     if name.endswith(".jsonl") or name.endswith(".json"):
         return "mooncake"
@@ -163,6 +170,46 @@ def _check_sorted(t: np.ndarray, path: Path, first_line: int) -> None:
         raise TraceError(f"{path}:{i + first_line}: arrival time goes backwards ({t[i - 1]:g} s then {t[i]:g} s)")
 
 
-def load_trace(path: Path, fmt: str | None = None) -> Trace:
+def load_kv_cache_tester(path: Path, conversation_interval_s: float = 60.0) -> Trace:
+    """Every conversation file of the folder (sorted by name), sub-agent requests included (at their marker's
+    time plus their own t). Block ids become conversation-scoped (conversation x 2**32 + id), as the upstream
+    ids are local to a conversation; the session of each request is its conversation's index."""
+    files = sorted(p for p in path.iterdir() if p.name.endswith((".json", ".json.gz"))) if path.is_dir() else [path]
+    if not files:
+        raise TraceError(f"{path}: no trace_*.json(.gz) conversation files in this folder")
+    rows = []                               # (t, conversation, in, out, ids)
+    for c, f in enumerate(files):
+        opener = gzip.open if f.name.endswith(".gz") else open
+        try:
+            with opener(f, "rt", encoding="utf-8") as fh:
+                doc = json.load(fh)
+            bs = doc["block_size"]
+            if bs != 64:
+                raise TraceError(f"{f}: block_size {bs}; every kv-cache-tester trace so far has 64-token blocks")
+            start = c * conversation_interval_s
+
+            def walk(reqs, t0, where):
+                for k, r in enumerate(reqs):
+                    if r.get("type") == "subagent":
+                        walk(r.get("requests", []), t0 + r["t"], f"{where}[{k}].requests")
+                        continue
+                    n, o, ids = r["in"], r["out"], r["hash_ids"]
+                    if not (isinstance(n, int) and n >= 1 and isinstance(o, int) and o >= 1 and len(ids) == n // bs):
+                        raise TraceError(f"{f}: {where}[{k}]: expected in >= 1, out >= 1 and in // {bs} hash_ids "
+                                         f"(got in={n!r}, out={o!r}, {len(ids)} ids)")
+                    rows.append((t0 + float(r["t"]), c, n, o, [c * 2**32 + h for h in ids]))
+            walk(doc["requests"], start, "requests")
+        except (json.JSONDecodeError, KeyError, TypeError, OSError, EOFError, UnicodeDecodeError) as e:
+            raise TraceError(f"{f}: not a kv-cache-tester conversation ({type(e).__name__}: {e})") from None
+    order = sorted(range(len(rows)), key=lambda i: (rows[i][0], i))
+    rows = [rows[i] for i in order]
+    t = np.array([r[0] for r in rows])
+    return Trace(np.array([r[2] for r in rows], dtype=np.int64), np.array([r[3] for r in rows], dtype=np.int64),
+                 t - t[0], [r[4] for r in rows], 64, source=str(path), sessions=np.array([r[1] for r in rows]))
+
+
+def load_trace(path: Path, fmt: str | None = None, conversation_interval_s: float = 60.0) -> Trace:
     fmt = fmt or detect_format(path)
+    if fmt == "kv_cache_tester":
+        return load_kv_cache_tester(path, conversation_interval_s)
     return {"azure": load_azure, "mooncake": load_mooncake, "lengths": load_lengths, "servesim": load_servesim}[fmt](path)

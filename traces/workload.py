@@ -22,6 +22,7 @@ class Workload:
     prefix_block_size: int = 0
     tenant: str = "default"
     slo_class: str = "default"
+    sessions: np.ndarray | None = None  # each request's session (conversation), where the trace has them
     tenants: list | None = None         # a mix: each request's tenant and SLO class (else the two above)
     slo_classes: list | None = None
     concurrency: int = 0                # closed loop: number of clients
@@ -89,7 +90,7 @@ def build_workload(cfg, rng: np.random.Generator, base_dir: Path | None = None) 
 
 def _from_trace(cfg, rng, base_dir) -> Workload:
     path = resolve_path(cfg.path, base_dir)
-    tr: Trace = load_trace(path, cfg.format)
+    tr: Trace = load_trace(path, cfg.format, cfg.conversation_interval_s)
     if tr.arrival is None:
         raise TraceError(f"{path}: this trace has lengths but no arrival times; use workload kind 'synthetic' "
                          f"with lengths: {{kind: pairs, path: {cfg.path}}} and an arrival process")
@@ -116,6 +117,7 @@ def _from_trace(cfg, rng, base_dir) -> Workload:
     if ids is not None and cfg.prompt_scale != 1.0:
         ids = None  # block ids no longer describe the scaled prompts
     return Workload(p, o, t, ids, tr.prefix_block_size, tenant=cfg.tenant, slo_class=cfg.slo_class,
+                    sessions=tr.sessions[idx] if tr.sessions is not None else None,
                     description=f"trace {path.name}, {idx.size} requests")
 
 
@@ -135,6 +137,11 @@ def _mix(cfg, rng, base_dir) -> Workload:
         flat = [get(w, i) for w in parts for i in range(len(w))]
         return [flat[j] for j in order.tolist()]
     ids = per_request(lambda w, i: w.prefix_ids[i] if w.prefix_ids is not None else None) if sizes else None
-    return Workload(cat("prompt"), cat("output"), t[order], ids, sizes.pop() if sizes else 0,
+    sessions = None
+    if any(w.sessions is not None for w in parts):     # sessions stay distinct across parts
+        base = np.cumsum([0] + [int(w.sessions.max()) + 1 if w.sessions is not None else 0 for w in parts])
+        sessions = np.concatenate([w.sessions + b if w.sessions is not None else np.full(len(w), -1)
+                                   for w, b in zip(parts, base)])[order]
+    return Workload(cat("prompt"), cat("output"), t[order], ids, sizes.pop() if sizes else 0, sessions=sessions,
                     tenants=per_request(lambda w, i: w.tenant), slo_classes=per_request(lambda w, i: w.slo_class),
                     description="mix of " + "; ".join(f"{w.tenant}/{w.slo_class}: {w.description}" for w in parts))
