@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from servesim.sim.config import format_validation_error, load_raw, parse_config
+from servesim.sim.config import load_base, load_raw, parse_config, parse_spec
 from servesim.sim.errors import ConfigError
 
 
@@ -74,15 +74,8 @@ def load_plan(path: Path, rate_scale: float = 1.0, prompt_scale: float = 1.0,
     for i, c in enumerate(raw.get("candidates") or []):
         if isinstance(c, dict):
             c.setdefault("name", f"{c.get('gpu', 'gpu')}-tp{c.get('tensor_parallel_size', 1)}-{i}")
-    try:
-        spec = PlanSpec.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(path)).replace("invalid config", "invalid plan", 1)) from None
-    if isinstance(spec.base, str):
-        base_path = (path.parent / spec.base).resolve()
-        base, base_dir = load_raw(base_path), base_path.parent
-    else:
-        base, base_dir = copy.deepcopy(spec.base or {}), path.parent.resolve()
+    spec = parse_spec(PlanSpec, raw, path, "plan")
+    base, base_dir = load_base(spec.base, path)
     if spec.workload is not None:
         base["workload"] = copy.deepcopy(spec.workload)
     if "workload" not in base:

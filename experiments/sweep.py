@@ -36,9 +36,9 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from servesim.sim.config import format_validation_error, load_raw, parse_config, set_path
+from servesim.sim.config import load_base, load_raw, parse_config, parse_spec, set_path
 from servesim.sim.errors import ConfigError
 
 
@@ -86,17 +86,8 @@ class SweepSpec(_Strict):
 
 def load_sweep(path: Path) -> tuple[SweepSpec, dict, Path]:
     """The sweep, its base config's raw mapping, and the folder relative paths in the base resolve from."""
-    path = Path(path)
-    raw = load_raw(path)
-    try:
-        spec = SweepSpec.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(path)).replace("invalid config", "invalid sweep", 1)) from None
-    if isinstance(spec.base, str):
-        base_path = (path.parent / spec.base).resolve()
-        base_raw, base_dir = load_raw(base_path), base_path.parent
-    else:
-        base_raw, base_dir = copy.deepcopy(spec.base), path.parent.resolve()
+    spec = parse_spec(SweepSpec, load_raw(path), path, "sweep")
+    base_raw, base_dir = load_base(spec.base, path)
     return spec, base_raw, base_dir
 
 

@@ -72,7 +72,7 @@ class SLOShedding:
     running requests decoding alongside. Classes without a TTFT SLO are always admitted.
     Reference: load shedding on predicted latency, as in Mooncake's early rejection (Qin et al., FAST 2025)."""
 
-    reads_kv_state = False
+    reads_kv_state = True        # it prices the running requests' context lengths, which decode runs change
 
     def __init__(self, slack: float, ttft_s: dict[str, float]):
         self.slack = slack

@@ -5,6 +5,7 @@ enable_chunked_prefill, enable_prefix_caching, gpu_memory_utilization, tensor_pa
 """
 from __future__ import annotations
 
+import copy
 import typing
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
@@ -516,6 +517,23 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[Config, Pa
     for o in overrides:
         apply_override(raw, o)
     return parse_config(raw, str(path)), p.parent
+
+
+def parse_spec(model, raw: dict, path, what: str):
+    """A sweep or plan file validated by its pydantic model, with errors worded as for configs."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path)).replace("invalid config", f"invalid {what}", 1)) from None
+
+
+def load_base(base, spec_path: Path) -> tuple[dict, Path]:
+    """A sweep's or plan's base config: a file relative to the spec file, or an inline mapping (or none);
+    returns its raw mapping and the folder its relative paths resolve from."""
+    if isinstance(base, str):
+        p = (Path(spec_path).parent / base).resolve()
+        return load_raw(p), p.parent
+    return copy.deepcopy(base or {}), Path(spec_path).parent.resolve()
 
 
 def parse_config(raw: dict, source: str = "<dict>") -> Config:

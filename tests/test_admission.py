@@ -90,3 +90,20 @@ def test_slo_shedding_rejects_what_would_miss_and_keeps_the_admitted_within_slo(
     assert rejected.sum() > 100 and set(shed.loc[rejected, "reason"]) == {"slo_shed"}
     admitted = shed[~rejected]
     assert (admitted["ttft_s"] <= 0.5).mean() > 0.9                # what is admitted mostly meets the SLO
+
+
+def test_slo_shedding_gives_the_plain_paths_decisions_on_the_fast_path():
+    """Fast and plain paths agree with shedding on. (It reads running requests' context lengths, which a decode
+    run changes, so it declares reads_kv_state and runs stop at arrivals; under the overload where shedding
+    acts, queues are rarely empty and decode runs rare, so this scenario would not catch a wrong flag.)"""
+    from test_fast_decode import _same
+    raw = copy.deepcopy(BASE)
+    raw["sim"] = {}
+    raw["fleet"]["replicas"][0]["count"] = 2
+    raw["slo"] = {"classes": {"default": {"ttft_ms": 300}}}
+    raw["policies"] = {"admission": {"name": "slo_shedding"}}
+    raw["workload"] = {"kind": "synthetic", "num_requests": 400, "arrival": {"process": "poisson", "rate": 80.0},
+                       "lengths": {"kind": "independent", "input": {"dist": "uniform", "low": 500, "high": 5000},
+                                   "output": {"dist": "uniform", "low": 20, "high": 300}}}
+    res, df = _same(raw)
+    assert (df["reason"] == "slo_shed").sum() > 10
