@@ -99,7 +99,7 @@ class DecodeRun:
             if metrics.trace is not None:
                 metrics.trace.steps(replica.index, ends[:n], self.secs[:n], 0, b, kv_used, 0, b)
             metrics.itl.add_array(np.diff(ends[: n + 1]), b)
-            metrics.on_tokens_array(ends[1 : n + 1], b)
+            metrics.on_tokens_array(ends[1 : n + 1], b, replica.index)
         t = float(ends[n])
         pool.now = t
         for r in self.reqs:

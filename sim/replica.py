@@ -263,7 +263,7 @@ class Replica:
             self.outstanding -= len(finished)
             for req in finished:
                 self.on_done(req, now)
-        self.metrics.on_tokens(now, sampled)
+        self.metrics.on_tokens(now, sampled, self.index)
         if self.check_invariants:
             live = self.running + [req for b in self.flying for req, _ in b if req.outcome != FINISHED]
             pool.check(live=live)

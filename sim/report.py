@@ -77,6 +77,15 @@ def _offload(result, prompt_tokens: int) -> dict:
     return out
 
 
+def slo_met(df: pd.DataFrame, cfg) -> pd.Series:
+    """For each request: did it meet every threshold of its own SLO class?"""
+    met = pd.Series(False, index=df.index)
+    for name, slo in cfg.slo.classes.items():
+        sub = df[df["slo_class"] == name]
+        met[sub.index] = _meets(sub, slo)
+    return met
+
+
 def _tenant(sub: pd.DataFrame, met: pd.Series, duration: float) -> dict:
     """One tenant's share of the run: its requests, latencies and SLO attainment (each request judged by
     its own class)."""
@@ -103,12 +112,10 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
     latency["itl"] = {"mean": itl.mean() * 1000 if itl.n else None,
                       **{f"p{p}": (itl.quantile(p / 100) * 1000 if itl.n else None) for p in PCTS}}
     classes, met_total = {}, 0
-    met_by_request = pd.Series(False, index=df.index)
+    met_by_request = slo_met(df, cfg)
     for name, slo in cfg.slo.classes.items():
         sub = df[df["slo_class"] == name]
-        ok = _meets(sub, slo)
-        met_by_request[sub.index] = ok
-        met = int(ok.sum())
+        met = int(met_by_request[sub.index].sum())
         met_total += met
         classes[name] = {"requests": int(len(sub)), "met": met,
                          "attainment": met / len(sub) if len(sub) else None,
@@ -227,6 +234,10 @@ def write_outputs(result, out_dir: Path, plots: bool = True) -> dict:
     df.to_csv(out_dir / "requests.csv", index=False)
     ts = timeseries(result)
     ts.to_csv(out_dir / "timeseries.csv", index=False)
+    from .export import prometheus_text, replica_rates
+    rates = replica_rates(result, df, slo_met(df, result.config))
+    rates.to_csv(out_dir / "replica_rates.csv", index=False)
+    (out_dir / "metrics.prom").write_text(prometheus_text(ts, rates))
     (out_dir / "report.json").write_text(json.dumps(rep, indent=2, allow_nan=False, default=_jsonable) + "\n")
     md = summary_markdown(rep)
     (out_dir / "summary.md").write_text(md)

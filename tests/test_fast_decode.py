@@ -36,6 +36,7 @@ def _same(raw):
     assert res_f.metrics.itl.n == res_p.metrics.itl.n
     # the time series and counters the report is built from
     assert np.array_equal(res_f.metrics.tokens_per_bucket, res_p.metrics.tokens_per_bucket)
+    assert np.array_equal(res_f.metrics.replica_tokens, res_p.metrics.replica_tokens)
     for a, b in zip(res_f.metrics.replicas, res_p.metrics.replicas):
         assert len(a.samples) == len(b.samples)
         np.testing.assert_allclose(np.array(a.samples, float), np.array(b.samples, float), rtol=1e-9)
