@@ -186,7 +186,9 @@ class Replica:
                 yield env.timeout(dt)
                 self._complete(batch, env.now)
                 # a cheap test first: a next step as long as this one would already meet the next event
-                if (self.fast_decode and self.running and env.now + dt < self.horizon()
+                # cheap tests first: every request of the step sampled (none is mid-prompt), and a next step as
+                # long as this one would not already meet the next event
+                if (self.fast_decode and sampled == len(batch) and self.running and env.now + dt < self.horizon()
                         and self.scheduler.steady_decode(self)):
                     run = DecodeRun.plan(self, min(self.horizon(), self.stop_time))
                     if run is not None:
