@@ -27,7 +27,7 @@ from servesim.hwmodels.step_time import BatchShape
 
 
 class DecodeRun:
-    __slots__ = ("reqs", "ctx", "ends", "secs", "flops", "nbytes", "grow_j", "grow_i", "used", "n")
+    __slots__ = ("reqs", "ends", "secs", "flops", "nbytes", "grow_j", "grow_i", "used", "n")
 
     @classmethod
     def plan(cls, replica, stop: float) -> DecodeRun | None:
@@ -65,7 +65,7 @@ class DecodeRun:
         if n == 0:
             return None
         run = cls()
-        run.reqs, run.ctx, run.ends, run.secs, run.flops, run.nbytes = list(reqs), ctx, ends, secs, flops, nbytes
+        run.reqs, run.ends, run.secs, run.flops, run.nbytes = list(reqs), ends, secs, flops, nbytes
         run.grow_j, run.grow_i, run.used, run.n = grow_j, grow_i, used, n
         return run
 
@@ -92,7 +92,7 @@ class DecodeRun:
             reqs = self.reqs
             for j, i in zip(grow_j.tolist(), grow_i.tolist()):
                 pool.now = starts[j]
-                pool.append_block(reqs[i])
+                pool.append_blocks(reqs[i], 1)
             kv_used = (pool.num_used - len(grow_j)) + self.used[:n]     # blocks referenced during each step
             metrics.sample_steps(replica.index, ends[:n], 0, b, kv_used)
             replica.stats.add_steps(self.secs[:n], self.flops[:n], self.nbytes[:n], 0, b, kv_used)

@@ -118,7 +118,11 @@ class BlockPool:
                 self.cached_since[b] = self.now
                 req.blocks.append(b)
             req.num_loaded_tokens += len(loads) * self.block_size
-        need = self.blocks_needed(num_tokens) - len(req.blocks)
+        self.append_blocks(req, self.blocks_needed(num_tokens) - len(req.blocks))
+        return True
+
+    def append_blocks(self, req: Request, need: int) -> None:
+        """`need` new blocks for req; the caller has checked num_free (a decode run: one block at a time)."""
         plain = self.free_plain
         if need <= len(plain):                # plain-free blocks: unreferenced and unhashed, so no _take
             ref, last_used, now, pop = self.ref, self.last_used, self.now, plain.popleft
@@ -129,21 +133,9 @@ class BlockPool:
                 last_used[b] = now
                 blocks.append(b)
             self.num_used += need
-            return True
+            return
         for _ in range(need):
             req.blocks.append(self._take(self._pop_free()))
-        return True
-
-    def append_block(self, req: Request) -> None:
-        """One more block for req (its next token opens one); the caller has checked num_free."""
-        if self.free_plain:
-            b = self.free_plain.popleft()
-            self.ref[b] = 1
-            self.last_used[b] = self.now
-            self.num_used += 1
-        else:
-            b = self._take(self._pop_free())
-        req.blocks.append(b)
 
     def free(self, req: Request) -> None:
         """Release req's blocks; the tail first, so an LRU evicts a prefix's tail before its head."""

@@ -129,8 +129,7 @@ class Metrics:
         self.replicas = [ReplicaStats() for _ in range(num_replicas)]
         self.sample_interval_s = sample_interval_s
         self.bucket_s = bucket_s
-        self.tokens_per_bucket = np.zeros(1024, dtype=np.int64)
-        self.replica_tokens = np.zeros((num_replicas, 1024), dtype=np.int64)   # the same, per replica
+        self.replica_tokens = np.zeros((num_replicas, 1024), dtype=np.int64)   # output tokens per replica and bucket
         # Little's law instrument: time-integral of requests in the system, kept independently
         self.in_system = 0
         self.done = 0                   # finished or rejected
@@ -151,25 +150,25 @@ class Metrics:
         self.done += 1
         self._in_system_step(now, -1)
 
+    @property
+    def tokens_per_bucket(self) -> np.ndarray:
+        """Output tokens of the whole fleet per bucket."""
+        return self.replica_tokens.sum(axis=0)
+
     def on_tokens(self, now: float, n: int, replica: int) -> None:
-        """n output tokens sampled at `now` by `replica`: counted in the fleet's and the replica's buckets."""
+        """n output tokens sampled at `now` by `replica`."""
         b = int(now / self.bucket_s)
-        if b >= self.tokens_per_bucket.size:
-            size = max(b + 1, 2 * self.tokens_per_bucket.size)
-            grow = np.zeros(size, dtype=np.int64)
-            grow[: self.tokens_per_bucket.size] = self.tokens_per_bucket
-            self.tokens_per_bucket = grow
-            grow2 = np.zeros((len(self.replicas), size), dtype=np.int64)
-            grow2[:, : self.replica_tokens.shape[1]] = self.replica_tokens
-            self.replica_tokens = grow2
-        self.tokens_per_bucket[b] += n
+        have = self.replica_tokens.shape[1]
+        if b >= have:
+            grow = np.zeros((len(self.replicas), max(b + 1, 2 * have)), dtype=np.int64)
+            grow[:, :have] = self.replica_tokens
+            self.replica_tokens = grow
         self.replica_tokens[replica, b] += n
 
     def on_tokens_array(self, times: np.ndarray, n: int, replica: int) -> None:
         """on_tokens(t, n, replica) for each t in times."""
         b = (times / self.bucket_s).astype(np.int64)
         self.on_tokens(float(times[-1]), 0, replica)      # grows the buckets to the last one
-        np.add.at(self.tokens_per_bucket, b, n)
         np.add.at(self.replica_tokens[replica], b, n)
 
     def sample_steps(self, i: int, times: np.ndarray, waiting: int, running: int, kv_used: np.ndarray) -> None:

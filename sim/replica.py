@@ -67,7 +67,6 @@ class Replica:
     def num_running(self) -> int:
         return len(self.running) + self.num_flying
 
-
     @property
     def kv_free_fraction(self) -> float:
         return self.pool.num_free / self.pool.num_blocks
@@ -178,14 +177,14 @@ class Replica:
             metrics.sample(self.index, now, len(self.waiting), self.num_running, pool.num_used)
             st = self.model.step_time(shape)
             dt = (st.seconds if self.pp == 1 else st.seconds / self.pp) + load_s  # until the first stage is free
-            stats.add_step(dt, st.flops, st.bytes, sum(pre_new), len(decode), pool.num_used)
+            prefill = sum(pre_new)
+            stats.add_step(dt, st.flops, st.bytes, prefill, len(decode), pool.num_used)
             if metrics.trace is not None:
-                metrics.trace.step(self.index, now, dt, sum(pre_new), len(decode), pool.num_used, len(self.waiting),
+                metrics.trace.step(self.index, now, dt, prefill, len(decode), pool.num_used, len(self.waiting),
                                    self.num_running)
             if self.pp == 1:
                 yield env.timeout(dt)
                 self._complete(batch, env.now)
-                # a cheap test first: a next step as long as this one would already meet the next event
                 # cheap tests first: every request of the step sampled (none is mid-prompt), and a next step as
                 # long as this one would not already meet the next event
                 if (self.fast_decode and sampled == len(batch) and self.running and env.now + dt < self.horizon()

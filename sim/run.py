@@ -165,7 +165,7 @@ def swap_space(e, plan):
     """(CPU swap space in KV blocks, seconds to copy one block) for preemption_mode swap; None otherwise."""
     if e.preemption_mode != "swap":
         return None
-    block_bytes = plan.kv_bytes_per_token * e.block_size
+    block_bytes = plan.kv_bytes_per_token * e.block_size         # per GPU
     return int(e.swap_space_gib * GIB // block_bytes), block_bytes / (e.swap_bandwidth_gbps * 1e9)
 
 

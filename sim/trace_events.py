@@ -44,7 +44,7 @@ class StepTrace:
     def table(self) -> dict[str, np.ndarray]:
         """All steps as arrays, ordered by (replica, start)."""
         parts = [{f: np.asarray(v) for f, v in self.cols.items()}] + self._arrays
-        t = {f: np.concatenate([p[f] for p in parts]) if parts else np.array([]) for f in FIELDS}
+        t = {f: np.concatenate([p[f] for p in parts]) for f in FIELDS}
         order = np.lexsort((t["start"], t["replica"]))
         return {f: v[order] for f, v in t.items()}
 
