@@ -183,18 +183,19 @@ class RooflineModel:
     def step_time(self, batch: BatchShape) -> StepTime:
         """The sum of breakdown(), computed without building it (a test holds the two equal): this runs
         once per simulated iteration, so everything that depends only on the token counts is memoized
-        (_dense), and decode attention uses its closed form over sum(context)."""
+        (_dense), and decode attention uses its closed form over sum(context). The seconds are split by
+        what bounds each op (compute or memory term of its roofline), collectives and CPU overhead."""
         nd = len(batch.decode_cached)
         T = sum(batch.prefill_new) + nd
         if T == 0:
-            return StepTime(self.overhead_s, 0.0, 0.0)
+            return StepTime(self.overhead_s, 0.0, 0.0, 0.0, 0.0, 0.0, self.overhead_s)
         S = batch.num_sampled
         dense = self._dense_memo.get((T, S))
         if dense is None:
             if len(self._dense_memo) >= 1 << 16:      # unchunked long prompts: keep the memo bounded
                 self._dense_memo.clear()
             dense = self._dense_memo[(T, S)] = self._dense(T, S)
-        t, f_all, b_all = dense
+        t, f_all, b_all, tc, tm, tcol, tover = dense
         L = self.layers
         if batch.prefill_new:
             p = self.p_pre
@@ -210,37 +211,53 @@ class RooflineModel:
                     sq += n * (c + n)
                 fe += f * (1 + s0 / (c + n))
             be = bs + len(batch.prefill_new) * s0 * kv_tok + sq * self.heads * self.ab
-            t += L * max(fe / (self.peak16 * p.compute_efficiency) + p.compute_offset_s,
-                         be / (self.bw * p.memory_efficiency) + p.memory_offset_s)
+            ct = fe / (self.peak16 * p.compute_efficiency) + p.compute_offset_s
+            mt = be / (self.bw * p.memory_efficiency) + p.memory_offset_s
+            if ct >= mt:
+                t += L * ct
+                tc += L * ct
+            else:
+                t += L * mt
+                tm += L * mt
             f_all += self.tp * L * fs
             b_all += self.tp * L * bs
         if nd:
-            ta, fs, bs = self._decode_attention(sum(batch.decode_cached) + nd, nd)
+            ta, fs, bs, tac = self._decode_attention(sum(batch.decode_cached) + nd, nd)
             t += ta
+            tc += tac
+            tm += ta - tac
             f_all += self.tp * L * fs
             b_all += self.tp * L * bs
-        return StepTime(t, f_all, b_all)
+        return StepTime(t, f_all, b_all, tc, tm, tcol, tover)
 
-    def _dense(self, T: int, S: int) -> tuple[float, float, float]:
+    def _dense(self, T: int, S: int) -> tuple:
         """Everything in a step of T tokens sampling S of them but attention: (seconds incl. the CPU
-        overhead, FLOPs and bytes over all tp GPUs)."""
+        overhead, FLOPs and bytes over all tp GPUs, then the seconds split: compute-bound ops, memory-bound
+        ops, collectives, CPU overhead)."""
         m, L, ab = self.model, self.layers, self.ab
         h = m.hidden_size
         peak, bw = self.peak, self.bw
-        t = f_all = b_all = 0.0
+        t = f_all = b_all = tc = tm = tcol = 0.0
 
         def mem(p, nbytes, times):
-            nonlocal t, b_all
-            t += times * max(p.compute_offset_s, nbytes / (bw * p.memory_efficiency) + p.memory_offset_s)
+            nonlocal t, b_all, tm
+            d = times * max(p.compute_offset_s, nbytes / (bw * p.memory_efficiency) + p.memory_offset_s)
+            t += d
+            tm += d
             b_all += times * nbytes
 
         def gemm_op(rows, n_out, n_in, times, out_bytes=2):
-            nonlocal t, f_all, b_all
+            nonlocal t, f_all, b_all, tc, tm
             p = self.p_gemv if rows == 1 else self.p_gemm
             f = 2.0 * rows * n_out * n_in
             b = n_in * n_out * self.wb + rows * n_in * ab + rows * n_out * out_bytes
-            t += times * max(f / (peak * p.compute_efficiency) + p.compute_offset_s,
-                             b / (bw * p.memory_efficiency) + p.memory_offset_s)
+            ct = f / (peak * p.compute_efficiency) + p.compute_offset_s
+            mt = b / (bw * p.memory_efficiency) + p.memory_offset_s
+            t += times * max(ct, mt)
+            if ct >= mt:
+                tc += times * ct
+            else:
+                tm += times * mt
             f_all += times * f
             b_all += times * b
 
@@ -252,25 +269,37 @@ class RooflineModel:
         mem(self.p_add, 3 * T * h * ab, 2 * L)
         if m.is_moe:
             Lm = self.moe_layers
-            for ot, of, ob in self._moe_ops(T).values():
+            for name, (ot, of, ob) in self._moe_ops(T).items():
                 t += Lm * ot
                 f_all += Lm * of
                 b_all += Lm * ob
+                if name == "all_to_all":
+                    tcol += Lm * ot
+                else:                 # bound by memory when its time is the memory term of the expert GEMM
+                    p = self.p_gemv if (name == "moe_router" and T == 1) else self.p_gemm
+                    if ot == ob / (bw * p.memory_efficiency) + p.memory_offset_s:
+                        tm += Lm * ot
+                    else:
+                        tc += Lm * ot
         mem(self.p_act, T * self.act_width * ab, L)
         if self.tp > 1:
-            t += (1 if self.ep else 2) * L * self._all_reduce(T * h * ab)
+            d = (1 if self.ep else 2) * L * self._all_reduce(T * h * ab)
+            t += d
+            tcol += d
         if self.pp > 1:
-            t += self._send_recv(T * h * ab)
+            d = self._send_recv(T * h * ab)
+            t += d
+            tcol += d
         if S:
             mem(self.p_norm, 2 * S * h * ab, 1)
             gemm_op(S, m.vocab_size / self.tp, h, 1, out_bytes=4)
             mem(self.p_add, 2 * S * m.vocab_size * 4, 1)
         g = self.tp  # ops are per GPU; the replica's FLOPs and bytes are tp x those (MFU over all GPUs)
-        return t + self.overhead_s, g * f_all, g * b_all
+        return t + self.overhead_s, g * f_all, g * b_all, tc, tm, tcol, self.overhead_s
 
     def _decode_attention(self, C, nd, maximum=max):
         """Decode attention of nd sequences whose KV lengths sum to C: seconds over all layers, useful FLOPs
-        and bytes of one layer. C may be an array of such sums (with maximum=np.maximum): decode_steps."""
+        and bytes of one layer, and the seconds bound by compute. C may be an array of such sums (with maximum=np.maximum): decode_steps."""
         p, s0, kv_tok = self.p_dec, self.p_dec.seq_overhead, self.kv_tok
         fs = 4.0 * self.hd * C
         bs = C * kv_tok + nd * 2 * self.hd * self.ab
@@ -278,18 +307,27 @@ class RooflineModel:
         be = bs + nd * s0 * kv_tok
         if p.naive:                                  # ops.attention_time: the score row is written out
             be = be + C * self.heads * self.ab
-        t = self.layers * maximum(fe / (self.peak16 * p.compute_efficiency) + p.compute_offset_s,
-                                  be / (self.bw * p.memory_efficiency) + p.memory_offset_s)
-        return t, fs, bs
+        ct = fe / (self.peak16 * p.compute_efficiency) + p.compute_offset_s
+        mt = be / (self.bw * p.memory_efficiency) + p.memory_offset_s
+        t = self.layers * maximum(ct, mt)
+        t_compute = t * (ct >= mt)                   # the share bound by compute (all or nothing per step)
+        return t, fs, bs, t_compute
 
     def decode_steps(self, ctx, k: int):
         """k consecutive pure-decode steps in closed form (a test holds them equal to step_time one by one):
-        from one step to the next only the decode attention changes, its KV lengths summing b more."""
+        from one step to the next only the decode attention changes, its KV lengths summing b more.
+        Returns seconds, FLOPs, bytes and the 4 x k split (compute, memory, collective, overhead)."""
         b = len(ctx)
         st = self.step_time(BatchShape(decode_cached=ctx.tolist(), num_sampled=b))
         C = float(ctx.sum()) + b + b * np.arange(k, dtype=float)      # sum of KV lengths at each step
-        attn, fs, bs = self._decode_attention(C, b, np.maximum)
+        attn, fs, bs, ac = self._decode_attention(C, b, np.maximum)
         secs = st.seconds + (attn - attn[0])
         secs[0] = st.seconds
+        parts = np.empty((4, k))
+        parts[0] = st.compute_s + (ac - ac[0])
+        parts[1] = st.memory_s + ((attn - ac) - (attn[0] - ac[0]))
+        parts[2] = st.collective_s
+        parts[3] = st.overhead_s
+        parts[:, 0] = st[3:]
         g, L = self.tp, self.layers
-        return secs, st.flops + g * L * (fs - fs[0]), st.bytes + g * L * (bs - bs[0])
+        return secs, st.flops + g * L * (fs - fs[0]), st.bytes + g * L * (bs - bs[0]), parts

@@ -34,6 +34,16 @@ class StepTime(NamedTuple):
     seconds: float
     flops: float       # useful model FLOPs of the step (for MFU)
     bytes: float       # bytes moved to/from device memory (for MBU)
+    # where the seconds went (attribution, `servesim explain`): ops whose compute term bounds them, ops whose
+    # memory term does, collectives, per-step CPU overhead. A model that cannot split its time (linear,
+    # measured) leaves them 0 and the step counts as unattributed ("other")
+    compute_s: float = 0.0
+    memory_s: float = 0.0
+    collective_s: float = 0.0
+    overhead_s: float = 0.0
+
+
+PARTS = ("compute_s", "memory_s", "collective_s", "overhead_s")
 
 
 class StepTimeModel(Protocol):
@@ -41,13 +51,13 @@ class StepTimeModel(Protocol):
 
 
 def decode_steps(model, ctx, k: int):
-    """(seconds, flops, bytes) arrays of k consecutive pure-decode steps of one batch: step j decodes one
-    token for every sequence, on ctx + j cached tokens. Each step priced by model.step_time, so a run of
-    steps costs exactly what k separate steps would."""
+    """(seconds, flops, bytes, parts) arrays of k consecutive pure-decode steps of one batch (parts: 4 x k, the
+    StepTime split in PARTS order): step j decodes one token for every sequence, on ctx + j cached tokens.
+    Each step priced by model.step_time, so a run of steps costs exactly what k separate steps would."""
     import numpy as np
-    out = np.empty((3, k))
+    out = np.empty((7, k))
     n = len(ctx)
     for j in range(k):
         st = model.step_time(BatchShape(decode_cached=(ctx + j).tolist(), num_sampled=n))
         out[:, j] = st
-    return out[0], out[1], out[2]
+    return out[0], out[1], out[2], out[3:]

@@ -338,6 +338,8 @@ class SLOClass(Strict):
     ttft_ms: Optional[PositiveFloat] = None
     tpot_ms: Optional[PositiveFloat] = None
     e2e_ms: Optional[PositiveFloat] = None
+    priority: Optional[int] = Field(None, description="importance, lower first: what the report's priority-inversion "
+                                                       "check holds the run to (else the priority policy's map)")
 
 
 class SLO(Strict):

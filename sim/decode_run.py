@@ -27,7 +27,7 @@ from servesim.hwmodels.step_time import BatchShape
 
 
 class DecodeRun:
-    __slots__ = ("reqs", "ends", "secs", "flops", "nbytes", "grow_j", "grow_i", "used", "n")
+    __slots__ = ("reqs", "ends", "secs", "flops", "nbytes", "parts", "grow_j", "grow_i", "used", "n")
 
     @classmethod
     def plan(cls, replica, stop: float) -> DecodeRun | None:
@@ -48,7 +48,7 @@ class DecodeRun:
             if now + first >= stop:
                 return None
             k = min(k, int((stop - now) / first) + 1)
-        secs, flops, nbytes = replica.model.decode_steps(ctx, k)
+        secs, flops, nbytes, parts = replica.model.decode_steps(ctx, k)
         ends = np.add.accumulate(np.concatenate(([now], secs)))     # step j runs from ends[j] to ends[j + 1]
         n = int(np.searchsorted(ends[1:], stop, side="left"))         # steps ending before stop
         # step j gives request i a new block when its token lands on a block boundary: (ctx_i + j) % bs == 0
@@ -65,7 +65,7 @@ class DecodeRun:
         if n == 0:
             return None
         run = cls()
-        run.reqs, run.ends, run.secs, run.flops, run.nbytes = list(reqs), ends, secs, flops, nbytes
+        run.reqs, run.ends, run.secs, run.flops, run.nbytes, run.parts = list(reqs), ends, secs, flops, nbytes, parts
         run.grow_j, run.grow_i, run.used, run.n = grow_j, grow_i, used, n
         return run
 
@@ -95,9 +95,9 @@ class DecodeRun:
                 pool.append_blocks(reqs[i], 1)
             kv_used = (pool.num_used - len(grow_j)) + self.used[:n]     # blocks referenced during each step
             metrics.sample_steps(replica.index, ends[:n], 0, b, kv_used)
-            replica.stats.add_steps(self.secs[:n], self.flops[:n], self.nbytes[:n], 0, b, kv_used)
+            replica.stats.add_steps(self.secs[:n], self.flops[:n], self.nbytes[:n], self.parts[:, :n], 0, b, kv_used)
             if metrics.trace is not None:
-                metrics.trace.steps(replica.index, ends[:n], self.secs[:n], 0, b, kv_used, 0, b)
+                metrics.trace.steps(replica.index, ends[:n], self.secs[:n], 0, b, kv_used, 0, b, self.parts[:, :n])
             metrics.itl.add_array(np.diff(ends[: n + 1]), b)
             metrics.on_tokens_array(ends[1 : n + 1], b, replica.index)
         t = float(ends[n])

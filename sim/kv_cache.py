@@ -12,6 +12,9 @@ from collections import deque
 from .request import Request, prompt_block_hashes
 
 
+REFETCH_WINDOW_S = 10.0    # an evicted block needed again this soon counts as thrashing (report anomalies)
+
+
 class BlockPool:
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = False, eviction=None,
                  offload=None):
@@ -33,6 +36,8 @@ class BlockPool:
         self.num_cached_free = 0
         self.num_used = 0
         self.evictions = 0
+        self.evicted_at: dict = {}           # hash -> when its block was last evicted
+        self.refetched = 0                   # blocks computed or loaded again within REFETCH_WINDOW_S of eviction
         self.last_evicted_key = None         # the eviction key of the last block evicted (aging policies read it)
         self.now = 0.0
         self.offload = offload               # an OffloadStore (sim/kv_offload.py): where evicted prefix blocks go
@@ -89,6 +94,8 @@ class BlockPool:
                 self.hash[b] = h
                 self.by_hash[h] = b
                 self.cached_since[b] = self.now
+                if self.evicted_at:
+                    self._refetch(h)
 
     # --- allocation ---------------------------------------------------------------------
     def can_allocate(self, req: Request, num_tokens: int, hits: list[int] = ()) -> bool:
@@ -116,6 +123,7 @@ class BlockPool:
                 self.hash[b] = h
                 self.by_hash[h] = b
                 self.cached_since[b] = self.now
+                self._refetch(h)
                 req.blocks.append(b)
             req.num_loaded_tokens += len(loads) * self.block_size
         self.append_blocks(req, self.blocks_needed(num_tokens) - len(req.blocks))
@@ -184,9 +192,16 @@ class BlockPool:
         if self.offload is not None:
             self.offload.put(self.hash[b])
         del self.by_hash[self.hash[b]]
+        self.evicted_at[self.hash[b]] = self.now
         self.hash[b] = None
         self.evictions += 1
         return b
+
+    def _refetch(self, h) -> None:
+        """A block holds hash h again: count it when h was evicted shortly before (KV thrashing)."""
+        t = self.evicted_at.pop(h, None)
+        if t is not None and self.now - t <= REFETCH_WINDOW_S:
+            self.refetched += 1
 
     # --- invariants ---------------------------------------------------------------------
     def check(self, live: list[Request] = ()) -> None:

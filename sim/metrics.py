@@ -81,6 +81,14 @@ class StreamingHistogram:
         return self.total / self.n if self.n else math.nan
 
 
+# where a replica's busy seconds went, per kind of step: ops bound by compute, ops bound by memory bandwidth,
+# collectives, per-step CPU overhead (all from the step-time model's split), KV copied in or out before a step
+# (offload loads, swaps); what a model cannot split (linear, measured) is busy time in none of them
+TIME_PARTS = ("compute_s", "memory_s", "collective_s", "overhead_s", "kv_load_s")
+STEP_KINDS = ("decode", "prefill")     # steps of decodes only; steps with prompt tokens (possibly with decodes)
+BLOCKERS = ("max_num_seqs", "token_budget", "kv_blocks", "policy")
+
+
 @dataclass
 class ReplicaStats:
     iterations: int = 0
@@ -95,20 +103,47 @@ class ReplicaStats:
     kv_block_seconds: float = 0.0  # integral of referenced KV blocks over busy time
     samples: list = field(default_factory=list)  # (t, waiting, running, kv_used_blocks)
     last_sample: float = -math.inf
+    # attribution, per step kind (STEP_KINDS): steps, busy seconds, sequences summed over steps, TIME_PARTS
+    kind_steps: list = field(default_factory=lambda: [0, 0])
+    kind_s: list = field(default_factory=lambda: [0.0, 0.0])
+    kind_seqs: list = field(default_factory=lambda: [0, 0])
+    kind_parts: list = field(default_factory=lambda: [[0.0] * 5, [0.0] * 5])
+    # busy seconds of steps that left requests waiting, by what kept the queue's head out (BLOCKERS)
+    blocked_s: dict = field(default_factory=lambda: dict.fromkeys(BLOCKERS, 0.0))
+    preempt_times: list = field(default_factory=list)
 
-    def add_step(self, dt: float, flops: float, nbytes: float, prefill: int, decode: int, kv_used: int) -> None:
-        """One engine iteration that kept the replica busy dt seconds with kv_used blocks referenced."""
+    def add_step(self, dt: float, st, prefill: int, decode: int, kv_used: int, load_s: float = 0.0,
+                 pp: int = 1, seqs: int = 0) -> None:
+        """One engine iteration of seqs sequences that kept the replica busy dt seconds with kv_used blocks
+        referenced: st is the model's StepTime (its split scaled to one of pp pipeline stages), load_s the KV
+        copies before it."""
         self.iterations += 1
         self.busy_s += dt
-        self.flops += flops
-        self.bytes += nbytes
+        self.flops += st.flops
+        self.bytes += st.bytes
         self.prefill_tokens += prefill
         self.decode_tokens += decode
         self.kv_block_seconds += kv_used * dt
+        k = 1 if prefill else 0
+        self.kind_steps[k] += 1
+        self.kind_s[k] += dt
+        self.kind_seqs[k] += seqs
+        p = self.kind_parts[k]
+        if pp == 1:
+            p[0] += st.compute_s
+            p[1] += st.memory_s
+            p[2] += st.collective_s
+            p[3] += st.overhead_s
+        else:
+            p[0] += st.compute_s / pp
+            p[1] += st.memory_s / pp
+            p[2] += st.collective_s / pp
+            p[3] += st.overhead_s / pp
+        p[4] += load_s
 
-    def add_steps(self, dt, flops, nbytes, prefill: int, decode: int, kv_used) -> None:
-        """add_step for each element of the arrays, summed one by one as add_step would (np.add.accumulate
-        adds left to right), so the totals are the per-step path's to the bit."""
+    def add_steps(self, dt, flops, nbytes, parts, prefill: int, decode: int, kv_used) -> None:
+        """add_step for each element of the arrays (parts: 4 x n, the StepTime split), summed one by one as
+        add_step would (np.add.accumulate adds left to right), so the totals are the per-step path's to the bit."""
         def seq(total, values):
             return float(np.add.accumulate(np.concatenate(([total], values)))[-1])
 
@@ -120,6 +155,13 @@ class ReplicaStats:
         self.prefill_tokens += prefill * n
         self.decode_tokens += decode * n
         self.kv_block_seconds = seq(self.kv_block_seconds, kv_used * dt)
+        k = 1 if prefill else 0
+        self.kind_steps[k] += n
+        self.kind_s[k] = seq(self.kind_s[k], dt)
+        self.kind_seqs[k] += decode * n
+        p = self.kind_parts[k]
+        for j in range(4):
+            p[j] = seq(p[j], parts[j])
 
 
 class Metrics:
@@ -135,6 +177,7 @@ class Metrics:
         self.done = 0                   # finished or rejected
         self.in_system_integral = 0.0
         self.trace = None               # a StepTrace when every iteration is recorded (--trace-events)
+        self.decisions = None           # a DecisionLog with --trace-level decisions (sim/decisions.py)
         self._last_change = 0.0
 
     def _in_system_step(self, now: float, delta: int) -> None:

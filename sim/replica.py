@@ -113,9 +113,15 @@ class Replica:
         self.pool.free(req)
         if self._release:
             self._release(req.id)
+        if not req.lost:                      # a preemption while recovering from one extends that one
+            req.preempted_at = self.env.now
+        req.lost = max(req.lost, req.num_computed, 1)
         req.num_computed = 0
         req.preemptions += 1
         self.stats.preemptions += 1
+        self.stats.preempt_times.append(self.env.now)
+        if self.metrics.decisions is not None:
+            self.metrics.decisions.preempt(self, req)
         self.waiting.appendleft(req)
 
     def swap_in(self, req) -> None:
@@ -139,7 +145,9 @@ class Replica:
                 yield at(env, 0.0, SCHEDULE)
             now = env.now
             pool.now = now
+            preempted = stats.preemptions
             batch = self.scheduler.schedule(self, now)
+            preempted = stats.preemptions != preempted
             if not batch:
                 if self.num_flying:              # everything schedulable is in the pipeline
                     yield from self._sleep()
@@ -170,6 +178,8 @@ class Replica:
                         shape.prefill_ids.append(req.id)
                     if req.load_s:                       # KV loaded back from offload tiers before the step
                         load_s += req.load_s
+                        if not req.lost:                 # (while recovering from a preemption: its cost)
+                            req.kv_load_s += req.load_s
                         req.load_s = 0.0
                 if n == left:
                     sampled += 1
@@ -178,10 +188,12 @@ class Replica:
             st = self.model.step_time(shape)
             dt = (st.seconds if self.pp == 1 else st.seconds / self.pp) + load_s  # until the first stage is free
             prefill = sum(pre_new)
-            stats.add_step(dt, st.flops, st.bytes, prefill, len(decode), pool.num_used)
+            stats.add_step(dt, st, prefill, len(decode), pool.num_used, load_s, self.pp, len(batch))
+            if self.waiting:
+                stats.blocked_s[self._blocker(prefill + len(decode), preempted)] += dt
             if metrics.trace is not None:
                 metrics.trace.step(self.index, now, dt, prefill, len(decode), pool.num_used, len(self.waiting),
-                                   self.num_running)
+                                   self.num_running, st, load_s, self.pp)
             if self.pp == 1:
                 yield env.timeout(dt)
                 self._complete(batch, env.now)
@@ -200,6 +212,19 @@ class Replica:
             else:
                 self._launch(batch, now, dt)
                 yield env.timeout(self.stage_free[0] - now)
+
+    def _blocker(self, tokens: int, preempted: bool) -> str:
+        """What kept the head of the queue out of this step (attribution: what caps the batch)."""
+        sched = self.scheduler
+        if preempted:
+            return "kv_blocks"
+        if self.num_running >= getattr(sched, "max_num_seqs", float("inf")):
+            return "max_num_seqs"
+        if tokens >= getattr(sched, "budget", float("inf")):
+            return "token_budget"
+        if self.pool.blocks_needed(self.waiting[0].num_tokens) > self.pool.num_free:
+            return "kv_blocks"
+        return "policy"
 
     def _sleep(self, until: float | None = None):
         """Until add() or a landing micro-batch wakes the replica, or (given) the SCHEDULE phase of `until`."""
@@ -243,6 +268,12 @@ class Replica:
             req.num_computed = old + n
             if caching:
                 pool.register_full_blocks(req, old, old + n)
+            if req.lost and old + n >= req.lost:           # its KV is back: the preemption's cost ends
+                d = now - req.preempted_at
+                req.preempted_s += d
+                if req.num_output == 0:
+                    req.preempted_ttft_s += d
+                req.lost = 0
             if old + n == req.prompt_tokens + req.num_output:     # req.num_tokens
                 req.num_output += 1
                 sampled += 1

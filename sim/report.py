@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .anomalies import find_anomalies
+from .attribution import add_request_parts, attribution_report
 from .request import FINISHED, REJECTED
 
 PCTS = (50, 90, 95, 99)
@@ -20,7 +22,8 @@ COLUMNS = (("id", "id"), ("arrival_s", "arrival"), ("prompt_tokens", "prompt_tok
            ("tenant", "tenant"), ("slo_class", "slo_class"), ("first_scheduled_s", "first_scheduled"),
            ("first_token_s", "first_token"), ("finish_s", "finish"), ("cached_prompt_tokens", "num_cached_tokens"),
            ("loaded_prompt_tokens", "num_loaded_tokens"),
-           ("preemptions", "preemptions"), ("outcome", "outcome"), ("reason", "reason"))
+           ("preemptions", "preemptions"), ("outcome", "outcome"), ("reason", "reason"),
+           ("preempted_s", "preempted_s"), ("preempted_ttft_s", "preempted_ttft_s"), ("kv_load_s", "kv_load_s"))
 
 
 def request_table(result) -> pd.DataFrame:
@@ -34,7 +37,7 @@ def request_table(result) -> pd.DataFrame:
     df["e2e_s"] = (df["finish_s"] - df["arrival_s"]).where(fin)
     multi = fin & (df["output_tokens"] > 1)
     df["tpot_s"] = ((df["finish_s"] - df["first_token_s"]) / (df["output_tokens"] - 1)).where(multi)
-    return df
+    return add_request_parts(df)
 
 
 def _stats_ms(x: pd.Series) -> dict:
@@ -120,7 +123,7 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
         classes[name] = {"requests": int(len(sub)), "met": met,
                          "attainment": met / len(sub) if len(sub) else None,
                          "goodput_requests_per_s": met / duration,
-                         "targets_ms": slo.model_dump()}
+                         "targets_ms": slo.model_dump(exclude={"priority"})}
     gpus = sum(r.num_gpus for r in result.replicas)
     gpu_hours = gpus * duration / 3600.0
     usd = sum(r.num_gpus * r.usd_per_gpu_hour for r in result.replicas) * duration / 3600.0
@@ -172,6 +175,8 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
                       "iterations": s.iterations, "busy_fraction": s.busy_s / duration,
                       "preemptions": s.preemptions, "requests": int((df["replica"] == r.index).sum())}
                      for r, s in zip(result.replicas, m.replicas)],
+        "attribution": attribution_report(result, df),
+        "anomalies": find_anomalies(result, df, met_by_request, duration),
     }
 
 
@@ -224,6 +229,8 @@ def summary_markdown(rep: dict) -> str:
                      f"{_fmt(tn['ttft_ms']['p50'])} / {_fmt(tn['ttft_ms']['p99'])} | "
                      f"{_fmt(tn['tpot_ms']['p50'])} / {_fmt(tn['tpot_ms']['p99'])} | "
                      f"{_fmt(tn['output_tokens_per_s'])} | {_fmt(100 * tn['slo_attainment'])} % |")
+    found = rep["anomalies"]["found"]
+    L += ["", "Anomalies: " + ("none found." if not found else "")] + [f"- {f}" for f in found]
     return "\n".join(L) + "\n"
 
 

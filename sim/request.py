@@ -17,6 +17,8 @@ class Request:
         # sequence state
         "num_computed", "num_output", "blocks", "block_hashes", "num_cached_tokens", "preemptions",
         "num_loaded_tokens", "load_s", "swapped_tokens",
+        # latency attribution (sim/attribution.py): a preemption's cost runs from it until the KV is back
+        "lost", "preempted_at", "preempted_s", "preempted_ttft_s", "kv_load_s",
         # record
         "replica", "first_scheduled", "first_token", "finish", "last_token", "outcome", "reason", "on_finish",
     )
@@ -41,6 +43,11 @@ class Request:
         self.num_loaded_tokens = 0                # prompt tokens loaded back from KV offload tiers
         self.load_s = 0.0                         # loading time owed by the step that admits it
         self.swapped_tokens = 0                   # KV tokens swapped out to CPU memory while it waits
+        self.lost = 0                             # tokens computed when last preempted, until recomputed (0: none)
+        self.preempted_at = math.nan              # when the preemption being recovered from happened
+        self.preempted_s = 0.0                    # seconds from preemptions until the KV was back
+        self.preempted_ttft_s = 0.0               # ... of them before the first token
+        self.kv_load_s = 0.0                      # seconds its own prefix KV loads from offload tiers took
         self.replica = -1
         self.first_scheduled = math.nan
         self.first_token = math.nan

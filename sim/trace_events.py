@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-FIELDS = ("replica", "start", "dur", "prefill", "decode", "kv_used", "waiting", "running")
+FIELDS = ("replica", "start", "dur", "prefill", "decode", "kv_used", "waiting", "running",
+          "compute_s", "memory_s", "collective_s", "overhead_s", "kv_load_s")   # the last five: where dur went
 
 
 class StepTrace:
@@ -21,8 +22,12 @@ class StepTrace:
         self._arrays: list[dict] = []
 
     def step(self, replica: int, start: float, dur: float, prefill: int, decode: int, kv_used: int,
-             waiting: int, running: int) -> None:
+             waiting: int, running: int, st=None, load_s: float = 0.0, pp: int = 1) -> None:
+        """st: the step's StepTime, whose split (per pipeline stage: / pp) is recorded with the KV load time."""
         c = self.cols
+        for f, v in zip(("compute_s", "memory_s", "collective_s", "overhead_s"), st[3:] if st is not None else (0,) * 4):
+            c[f].append(v / pp)
+        c["kv_load_s"].append(load_s)
         c["replica"].append(replica)
         c["start"].append(start)
         c["dur"].append(dur)
@@ -33,13 +38,16 @@ class StepTrace:
         c["running"].append(running)
 
     def steps(self, replica: int, starts: np.ndarray, durs: np.ndarray, prefill: int, decode: int,
-              kv_used: np.ndarray, waiting: int, running: int) -> None:
-        """A run of steps that share their token counts (a decode run)."""
+              kv_used: np.ndarray, waiting: int, running: int, parts: np.ndarray) -> None:
+        """A run of steps that share their token counts (a decode run); parts: their 4 x n StepTime split."""
         n = len(starts)
         self._arrays.append({"replica": np.full(n, replica), "start": np.asarray(starts, float),
                              "dur": np.asarray(durs, float), "prefill": np.full(n, prefill),
                              "decode": np.full(n, decode), "kv_used": np.asarray(kv_used),
-                             "waiting": np.full(n, waiting), "running": np.full(n, running)})
+                             "waiting": np.full(n, waiting), "running": np.full(n, running),
+                             "compute_s": parts[0].copy(), "memory_s": parts[1].copy(),
+                             "collective_s": parts[2].copy(), "overhead_s": parts[3].copy(),
+                             "kv_load_s": np.zeros(n)})
 
     def table(self) -> dict[str, np.ndarray]:
         """All steps as arrays, ordered by (replica, start)."""
@@ -55,12 +63,14 @@ class StepTrace:
         events += [{"ph": "M", "name": "thread_name", "pid": 0, "tid": i, "args": {"name": f"replica {i}: {n}"}}
                    for i, n in enumerate(names)]
         cols = {f: v.tolist() for f, v in t.items()}
-        for r, s, d, p, dec, kv, w, run in zip(*(cols[f] for f in FIELDS)):
+        for r, s, d, p, dec, kv, w, run, tc, tm, tcol, tov, tl in zip(*(cols[f] for f in FIELDS)):
             ts = s * 1e6
             name = "prefill+decode" if p and dec else ("prefill" if p else "decode")
             events.append({"ph": "X", "name": name, "cat": "step", "pid": 0, "tid": r, "ts": ts, "dur": d * 1e6,
                            "args": {"prefill_tokens": p, "decode_seqs": dec, "kv_blocks": kv,
-                                    "waiting": w, "running": run}})
+                                    "waiting": w, "running": run, "compute_bound_us": tc * 1e6,
+                                    "memory_bound_us": tm * 1e6, "collective_us": tcol * 1e6,
+                                    "cpu_overhead_us": tov * 1e6, "kv_load_us": tl * 1e6}})
             events.append({"ph": "C", "name": f"replica {r} KV blocks", "pid": 0, "ts": ts, "args": {"used": kv}})
             events.append({"ph": "C", "name": f"replica {r} waiting", "pid": 0, "ts": ts, "args": {"requests": w}})
         Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))

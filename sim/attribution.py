@@ -1,0 +1,91 @@
+"""Where a run's time went: each step's seconds by what bounds them, each request's latency by phase.
+
+Steps: the step-time model splits every iteration into ops bound by compute, ops bound by memory
+bandwidth, collectives and CPU overhead; KV copies before a step (offload loads, swaps) are added by the
+engine. Models that cannot split (linear, measured) leave their time as `other_s`. Summed per replica and
+kind of step (pure decode, or with prompt tokens) in ReplicaStats.
+
+Requests: every instant between arrival and finish is in exactly one part:
+  queue      arrival -> first scheduled
+  preemption from a preemption until the request's KV is back (re-queued, recomputed or swapped in)
+  kv_load    loading its own cached prefix back from KV offload tiers (outside preemptions)
+  prefill    the rest of the time to the first token (its prompt steps, and waits between chunks)
+  decode     the rest of the time after the first token
+TTFT = queue + prefill + the preemption and kv_load before the first token; E2E adds decode and the
+preemptions after it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .metrics import BLOCKERS, STEP_KINDS, TIME_PARTS
+from .request import FINISHED
+
+TTFT_PARTS = ("queue_s", "prefill_s", "preempted_ttft_s", "kv_load_s")
+E2E_PARTS = ("queue_s", "prefill_s", "decode_s", "preempted_s", "kv_load_s")
+PART_NAMES = {"queue_s": "queueing", "prefill_s": "prefill", "decode_s": "decode", "preempted_s": "preemption",
+              "preempted_ttft_s": "preemption", "kv_load_s": "KV offload loads"}
+
+
+def add_request_parts(df: pd.DataFrame) -> pd.DataFrame:
+    """The request table's phase columns (finished requests; NaN for the rest)."""
+    fin = df["outcome"] == FINISHED
+    df["prefill_s"] = (df["first_token_s"] - df["first_scheduled_s"] - df["preempted_ttft_s"]
+                       - df["kv_load_s"]).where(fin)
+    df["decode_s"] = (df["finish_s"] - df["first_token_s"] - (df["preempted_s"] - df["preempted_ttft_s"])).where(fin)
+    for c in ("preempted_s", "preempted_ttft_s", "kv_load_s"):
+        df[c] = df[c].where(fin)
+    return df
+
+
+def step_parts(stats, kinds=(0, 1)) -> dict:
+    """Busy seconds of a replica (or several: a list) split by TIME_PARTS, plus other_s, over the given kinds."""
+    stats = stats if isinstance(stats, list) else [stats]
+    busy = sum(s.kind_s[k] for s in stats for k in kinds)
+    out = {"busy_s": busy}
+    for j, name in enumerate(TIME_PARTS):
+        out[name] = sum(s.kind_parts[k][j] for s in stats for k in kinds)
+    out["other_s"] = busy - sum(out[n] for n in TIME_PARTS)
+    return out
+
+
+def _steps_section(stats: list) -> dict:
+    out = step_parts(stats)
+    out["by_kind"] = {}
+    for k, kind in enumerate(STEP_KINDS):
+        n = sum(s.kind_steps[k] for s in stats)
+        d = {"steps": n, **step_parts(stats, (k,)),
+             "mean_batch": sum(s.kind_seqs[k] for s in stats) / n if n else None}
+        out["by_kind"][kind] = d
+    out["blocked_s"] = {b: sum(s.blocked_s[b] for s in stats) for b in BLOCKERS}
+    return out
+
+
+def _request_parts(df: pd.DataFrame, metric: str, parts: tuple) -> dict:
+    """Mean seconds of each part, and over the tail (requests at or above the metric's p99): the share of
+    the tail's latency each part holds and the replica holding most of the tail."""
+    fin = df[df["outcome"] == FINISHED]
+    fin = fin[fin["replica"] >= 0]               # answers from the response cache have no phases
+    if fin.empty:
+        return {}
+    out = {"mean_ms": {PART_NAMES[p]: float(fin[p].mean() * 1000) for p in parts}}
+    p99 = float(np.percentile(fin[metric], 99))
+    tail = fin[fin[metric] >= p99]
+    total = float(tail[metric].sum())
+    shares = {PART_NAMES[p]: (float(tail[p].sum()) / total if total > 0 else 0.0) for p in parts}
+    counts = tail["replica"].value_counts()
+    out["p99_ms"] = p99 * 1000
+    out["p99_tail"] = {"requests": int(len(tail)), "share": shares,
+                       "top_replica": int(counts.index[0]), "top_replica_share": float(counts.iloc[0] / len(tail))}
+    return out
+
+
+def attribution_report(result, df: pd.DataFrame) -> dict:
+    stats = result.metrics.replicas
+    return {
+        "steps": _steps_section(stats),
+        "replicas": [{"index": i, **_steps_section([s])} for i, s in enumerate(stats)],
+        "requests": {"ttft": _request_parts(df, "ttft_s", TTFT_PARTS),
+                     "e2e": _request_parts(df, "e2e_s", E2E_PARTS)},
+    }
