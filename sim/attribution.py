@@ -46,7 +46,8 @@ def step_parts(stats, kinds=(0, 1)) -> dict:
     out = {"busy_s": busy}
     for j, name in enumerate(TIME_PARTS):
         out[name] = sum(s.kind_parts[k][j] for s in stats for k in kinds)
-    out["other_s"] = busy - sum(out[n] for n in TIME_PARTS)
+    other = busy - sum(out[n] for n in TIME_PARTS)
+    out["other_s"] = other if abs(other) > 1e-9 * busy else 0.0     # rounding of the sums is not a finding
     return out
 
 
@@ -83,9 +84,11 @@ def _request_parts(df: pd.DataFrame, metric: str, parts: tuple) -> dict:
 
 def attribution_report(result, df: pd.DataFrame) -> dict:
     stats = result.metrics.replicas
+    engines = [g.engine for g in result.config.fleet.replicas for _ in range(g.count)]
     return {
         "steps": _steps_section(stats),
-        "replicas": [{"index": i, **_steps_section([s])} for i, s in enumerate(stats)],
+        "replicas": [{"index": i, "max_num_seqs": e.max_num_seqs, "max_num_batched_tokens": e.max_num_batched_tokens,
+                      **_steps_section([s])} for i, (s, e) in enumerate(zip(stats, engines))],
         "requests": {"ttft": _request_parts(df, "ttft_s", TTFT_PARTS),
                      "e2e": _request_parts(df, "e2e_s", E2E_PARTS)},
     }

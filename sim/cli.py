@@ -322,6 +322,19 @@ def plan(spec: Path = typer.Argument(..., help="plan YAML: workload, SLO targets
 
 
 @app.command()
+@friendly
+def explain(run_dir: Path = typer.Argument(..., help="a folder `servesim run` wrote"),
+            plot: bool = typer.Option(True, "--plot/--no-plot", help="write RUN_DIR/explain.png")):
+    """Why the run's latency is what it is: the dominant bottleneck with the numbers behind it."""
+    from .explain import explain as findings, load_report, plot as draw
+    rep = load_report(run_dir)
+    for line in findings(rep):
+        print(f"- {line}")
+    if plot:
+        print(f"wrote {draw(rep, Path(run_dir) / 'explain.png')}")
+
+
+@app.command()
 def policies():
     """List every policy by kind, as configured under `policies:`, with a one-line description."""
     from servesim.policies import registry
