@@ -38,7 +38,12 @@ def run(config: Path = typer.Argument(..., help="YAML config file"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar, no summary"),
         no_plots: bool = typer.Option(False, "--no-plots", help="skip the PNG plots"),
         trace_events: Optional[Path] = typer.Option(None, "--trace-events", help="write every iteration as a "
-                                                    "Chrome/Perfetto trace (open in ui.perfetto.dev)")):
+                                                    "Chrome/Perfetto trace (open in ui.perfetto.dev)"),
+        trace_level: str = typer.Option("off", "--trace-level", help="decisions: record every routing, admission, "
+                                        "preemption and eviction decision (decisions.jsonl.gz) and the routing regret"),
+        regret_samples: int = typer.Option(20, "--regret-samples", help="routing decisions re-simulated for regret "
+                                           "(with --trace-level decisions; 0: none)"),
+        lookahead_s: float = typer.Option(30.0, "--lookahead", help="regret look-ahead window, simulated seconds")):
     """Simulate a config and write report.json, requests.csv, summary.md and plots. Given a sweep file (a
     comparison: base + grid), run it as `servesim sweep` does and write its comparison plot."""
     from .config import load_config, load_raw
@@ -59,6 +64,13 @@ def run(config: Path = typer.Argument(..., help="YAML config file"),
             raise typer.Exit(1)
         return
 
+    if trace_level not in ("off", "decisions"):
+        from .errors import ConfigError
+        raise ConfigError(f"--trace-level: {trace_level!r} is not one of off, decisions")
+    if regret_samples < 0 or not lookahead_s > 0:
+        from .errors import ConfigError
+        raise ConfigError("--regret-samples must be >= 0 and --lookahead > 0")
+    decisions = trace_level == "decisions"
     overrides = list(set_) + ([f"seed={seed}"] if seed is not None else [])
     cfg, base = load_config(config, overrides)
     out = out or Path("runs") / cfg.name
@@ -71,9 +83,12 @@ def run(config: Path = typer.Argument(..., help="YAML config file"),
 
             def progress(t, done, total):
                 bar.update(task, completed=done, total=total, info=f"sim t={t:,.0f}s  requests done {done:,}")
-            result = simulate(cfg, base, progress, trace_steps=trace_events is not None)
+            result = simulate(cfg, base, progress, trace_steps=trace_events is not None, trace_decisions=decisions)
     else:
-        result = simulate(cfg, base, trace_steps=trace_events is not None)
+        result = simulate(cfg, base, trace_steps=trace_events is not None, trace_decisions=decisions)
+    if decisions:
+        from .decisions import routing_regret
+        result.regret = routing_regret(cfg, base, result.metrics.decisions, regret_samples, lookahead_s=lookahead_s)
     if trace_events is not None:
         n = result.metrics.trace.write(trace_events, [f"{r.gpu}/{r.model} tp{r.tp}" for r in result.replicas])
         if not quiet:

@@ -45,9 +45,14 @@ class Cluster:
         if req.total_tokens > self.max_request_tokens:       # fits no replica
             return self._reject(req, self.replicas[0].fits(req), now)
         reason = self.admission.admit(req, self, now)
+        log = self.metrics.decisions
+        if log is not None:
+            log.admit(req, reason, now)
         if reason:
             return self._reject(req, reason, now)
         i = self.router.route(req, self.replicas, now)
+        if log is not None:
+            log.route(req, self.replicas, i, now)
         reason = self.replicas[i].fits(req)
         if reason:
             return self._reject(req, reason, now)

@@ -37,6 +37,7 @@ class BlockPool:
         self.num_used = 0
         self.evictions = 0
         self.evicted_at: dict = {}           # hash -> when its block was last evicted
+        self.on_evict = None                 # callback(pool, hash, key) when decisions are traced
         self.refetched = 0                   # blocks computed or loaded again within REFETCH_WINDOW_S of eviction
         self.last_evicted_key = None         # the eviction key of the last block evicted (aging policies read it)
         self.now = 0.0
@@ -193,6 +194,8 @@ class BlockPool:
             self.offload.put(self.hash[b])
         del self.by_hash[self.hash[b]]
         self.evicted_at[self.hash[b]] = self.now
+        if self.on_evict is not None:
+            self.on_evict(self, self.hash[b], key)
         self.hash[b] = None
         self.evictions += 1
         return b

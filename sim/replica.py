@@ -113,6 +113,8 @@ class Replica:
         self.pool.free(req)
         if self._release:
             self._release(req.id)
+        if self.metrics.decisions is not None:
+            self.metrics.decisions.preempt(self, req)
         if not req.lost:                      # a preemption while recovering from one extends that one
             req.preempted_at = self.env.now
         req.lost = max(req.lost, req.num_computed, 1)
@@ -120,8 +122,6 @@ class Replica:
         req.preemptions += 1
         self.stats.preemptions += 1
         self.stats.preempt_times.append(self.env.now)
-        if self.metrics.decisions is not None:
-            self.metrics.decisions.preempt(self, req)
         self.waiting.appendleft(req)
 
     def swap_in(self, req) -> None:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from .anomalies import find_anomalies
 from .attribution import add_request_parts, attribution_report
+from .decisions import decisions_report
 from .request import FINISHED, REJECTED
 
 PCTS = (50, 90, 95, 99)
@@ -177,6 +178,7 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
                      for r, s in zip(result.replicas, m.replicas)],
         "attribution": attribution_report(result, df),
         "anomalies": find_anomalies(result, df, met_by_request, duration),
+        **({"decisions": decisions_report(m.decisions, result.regret)} if m.decisions is not None else {}),
     }
 
 
@@ -229,6 +231,11 @@ def summary_markdown(rep: dict) -> str:
                      f"{_fmt(tn['ttft_ms']['p50'])} / {_fmt(tn['ttft_ms']['p99'])} | "
                      f"{_fmt(tn['tpot_ms']['p50'])} / {_fmt(tn['tpot_ms']['p99'])} | "
                      f"{_fmt(tn['output_tokens_per_s'])} | {_fmt(100 * tn['slo_attainment'])} % |")
+    reg = rep.get("decisions", {}).get("routing_regret")
+    if reg and reg["samples"]:
+        L += ["", f"Routing regret over {reg['samples']} sampled decisions (up to {reg['top_k']} alternatives each, "
+                  f"{reg['lookahead_s']:g} s look-ahead): mean {1000 * reg['mean_regret_s']:,.1f} ms, max "
+                  f"{1000 * reg['max_regret_s']:,.1f} ms; {100 * reg['share_suboptimal']:.0f}% had a better alternative."]
     found = rep["anomalies"]["found"]
     L += ["", "Anomalies: " + ("none found." if not found else "")] + [f"- {f}" for f in found]
     return "\n".join(L) + "\n"
@@ -245,6 +252,8 @@ def write_outputs(result, out_dir: Path, plots: bool = True) -> dict:
     rates = replica_rates(result, df, slo_met(df, result.config))
     rates.to_csv(out_dir / "replica_rates.csv", index=False)
     (out_dir / "metrics.prom").write_text(prometheus_text(ts, rates))
+    if result.metrics.decisions is not None:
+        result.metrics.decisions.write(out_dir / "decisions.jsonl.gz")
     (out_dir / "report.json").write_text(json.dumps(rep, indent=2, allow_nan=False, default=_jsonable) + "\n")
     md = summary_markdown(rep)
     (out_dir / "summary.md").write_text(md)

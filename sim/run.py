@@ -57,6 +57,7 @@ class RunResult:
     peak_rss_mb: float
     pools: list = field(default_factory=list)
     step_models: list = field(default_factory=list)   # per replica (the measured backend keeps a step log)
+    regret: dict | None = None                         # routing regret, computed on request (sim/decisions.py)
 
 
 def _price(cfg: Config, gpu) -> float:
@@ -74,7 +75,10 @@ def _where(loc: str, fn, *a, **k):
         raise type(e)(f"{loc}: {e}") from None
 
 
-def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: bool = False):
+def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: bool = False,
+          until: float = math.inf, route_override: tuple[int, int] | None = None):
+    """The cluster, replicas, their infos and the workload of a config. until: stop time (the earlier of it and
+    sim.max_sim_time_s); route_override: (decision index, replica) forced (routing regret, sim/decisions.py)."""
     wl_rng, route_rng, policy_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(3))
     batching_cls = registry.BATCHING[cfg.policies.batching.name][0]
     batching_params = cfg.policies.batching.model_dump(exclude={"name"})
@@ -143,7 +147,7 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
                 step_model = measured()
             replicas.append(Replica(env, i, sched, pool, step_model, metrics, max_model_len=max_len,
                                     check_invariants=cfg.sim.check_invariants, pp=pp,
-                                    fast_decode=cfg.sim.fast_decode, stop_time=cfg.sim.max_sim_time_s or math.inf,
+                                    fast_decode=cfg.sim.fast_decode, stop_time=min(cfg.sim.max_sim_time_s or math.inf, until),
                                     swap=swap_space(e, plan)))
             infos.append(ReplicaInfo(i, name, gpu.name, model.name, tp, pp, n_gpus, price,
                                      n_gpus * gpu.peak_flops(g.dtype), n_gpus * gpu.mem_bw, blocks, e.block_size,
@@ -151,6 +155,12 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
     router = registry.ROUTING[pol.routing.name][0](route_rng, **pol.routing.model_dump(exclude={"name"}))
     if hasattr(router, "validate"):          # a router that names replicas checks them against the fleet
         router.validate(len(replicas))
+    if route_override is not None:
+        from .decisions import ForcedRouter
+        router = ForcedRouter(router, *route_override)
+    if metrics.decisions is not None:
+        for i, r in enumerate(replicas):
+            r.pool.on_evict = lambda pool, h, key, i=i: metrics.decisions.evict(i, pool, h, key)
     adm_cls = registry.ADMISSION[pol.admission.name][0]
     adm_cfg = pol.admission.model_dump(exclude={"name"})
     admission = adm_cls.from_config(adm_cfg, cfg) if hasattr(adm_cls, "from_config") else adm_cls(**adm_cfg)
@@ -179,24 +189,30 @@ def offload_store(e, plan):
 
 
 def simulate(cfg: Config, base_dir: Path | None = None, progress=None, measured_reference: bool = False,
-             trace_steps: bool = False) -> RunResult:
+             trace_steps: bool = False, trace_decisions: bool = False, until: float = math.inf,
+             route_override: tuple[int, int] | None = None) -> RunResult:
     """Run to completion (or sim.max_sim_time_s). progress(sim_time, requests_done, total) is called every 16k events.
     measured_reference: measured replicas also price each step with the roofline model (servesim validate).
-    trace_steps: record every iteration in metrics.trace (sim/trace_events.py)."""
+    trace_steps: record every iteration in metrics.trace (sim/trace_events.py); trace_decisions: every routing,
+    admission, preemption and eviction decision in metrics.decisions (sim/decisions.py). until: stop there too;
+    route_override: (decision index, replica) forced."""
     t0 = time.perf_counter()
     env = simpy.Environment()
     metrics = Metrics(sum(g.count for g in cfg.fleet.replicas), cfg.output.sample_interval_s)
     if trace_steps:
         from .trace_events import StepTrace
         metrics.trace = StepTrace()
-    cluster, replicas, infos, workload = build(cfg, base_dir, env, metrics, measured_reference)
+    if trace_decisions:
+        from .decisions import DecisionLog
+        metrics.decisions = DecisionLog()
+    cluster, replicas, infos, workload = build(cfg, base_dir, env, metrics, measured_reference, until, route_override)
     if workload.arrival is not None:
         env.process(cluster.open_loop(workload))
         total = len(workload)
     else:
         cluster.closed_loop(workload)
         total = workload.max_requests
-    limit = cfg.sim.max_sim_time_s or math.inf
+    limit = min(cfg.sim.max_sim_time_s or math.inf, until)
     step, peek = env.step, env.peek
     events = 0
     inf = math.inf
