@@ -27,7 +27,7 @@ def save(fig, path: Path, title: str | None = None) -> Path:
     return path
 
 
-def write_plots(result, df, ts, out: Path) -> list[Path]:
+def write_plots(result, df, ts, out: Path, rates=None) -> list[Path]:
     paths = []
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, col, title in zip(axes, ("ttft_s", "tpot_s", "e2e_s"), ("TTFT", "TPOT", "E2E latency")):
@@ -78,4 +78,28 @@ def write_plots(result, df, ts, out: Path) -> list[Path]:
     if ts["replica"].nunique() <= 16:
         ax.legend(loc="upper right", ncol=4, fontsize=8)
     paths.append(save(fig, out / "kv_usage.png"))
+    if rates is not None:
+        paths.append(replica_series(ts, rates, out / "replicas_timeseries.png"))
     return paths
+
+
+def replica_series(ts, rates, path: Path, max_lines: int = 16) -> Path:
+    """Per replica over time: queue, running batch, KV usage (sampled), output tokens/s and SLO attainment
+    (per 1 s bucket). With many replicas, the max_lines busiest (most output tokens) are drawn."""
+    busiest = rates.groupby("replica")["output_tokens_per_s"].sum().sort_values(ascending=False).index[:max_lines]
+    fig, axes = plt.subplots(5, 1, figsize=(11, 12), sharex=True)
+    panels = ((ts, "waiting", "queued requests"), (ts, "running", "running batch"), (ts, "kv_usage", "KV usage"),
+              (rates, "output_tokens_per_s", "output tokens/s"), (rates, "slo_attainment", "SLO attainment"))
+    for ax, (table, col, label) in zip(axes, panels):
+        for rid in sorted(busiest):
+            g = table[table["replica"] == rid]
+            if table is ts:
+                ax.step(g["t_s"], g[col], where="post", lw=0.7, label=f"replica {rid}")
+            else:
+                ax.plot(g["t_s"], g[col], lw=0.7, marker="." if col == "slo_attainment" else None, ms=2,
+                        label=f"replica {rid}")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(loc="upper right", ncol=4, fontsize=7)
+    axes[-1].set_xlabel("simulated time (s)")
+    return save(fig, path, "Per-replica time series")

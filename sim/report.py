@@ -259,7 +259,7 @@ def write_outputs(result, out_dir: Path, plots: bool = True) -> dict:
     (out_dir / "summary.md").write_text(md)
     if plots:
         from .plots import write_plots
-        write_plots(result, df, ts, out_dir)
+        write_plots(result, df, ts, out_dir, rates)
     from .html import write_html
     write_html(md, out_dir)
     return rep

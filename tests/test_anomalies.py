@@ -113,3 +113,34 @@ def test_jain_index():
     assert jain([1, 0, 0, 0]) == 0.25
     assert jain([1, 3]) == pytest.approx(16 / 20)
     assert jain([0.5]) is None
+
+
+def test_kv_thrashing_counts_blocks_needed_again_soon_after_eviction(monkeypatch):
+    from servesim.policies.eviction import LRU
+    from servesim.sim import anomalies
+    from servesim.sim.kv_cache import REFETCH_WINDOW_S, BlockPool
+    from servesim.sim.request import Request
+
+    pool = BlockPool(1, 16, enable_prefix_caching=True, eviction=LRU())
+
+    def serve(i, block_id, now):
+        """A 16-token prompt of trace block `block_id`: computed, published, freed (cached)."""
+        pool.now = now
+        r = Request(i, now, 16, 1, prefix_ids=[block_id], prefix_block_size=16)
+        hits = pool.lookup(r, 16)
+        assert pool.allocate(r, 16, hits)
+        if not hits:
+            r.num_computed = 16
+            pool.register_full_blocks(r, 0, 16)
+        pool.free(r)
+        return bool(hits)
+
+    serve(0, 7, 0.0)
+    serve(1, 8, 1.0)            # evicts 7 at t=1
+    serve(2, 7, 2.0)            # 7 again 1 s after its eviction: refetched (evicts 8 at t=2)
+    assert (pool.evictions, pool.refetched) == (2, 1)
+    serve(3, 8, 2.0 + REFETCH_WINDOW_S + 1)   # 8 again, but long after: not thrashing
+    assert (pool.evictions, pool.refetched) == (3, 1)
+    assert anomalies.kv_thrashing([pool]) == []             # below the count threshold
+    monkeypatch.setattr(anomalies, "THRASH_MIN", 1)
+    assert anomalies.kv_thrashing([pool]) == [{"replica": 0, "refetched_blocks": 1, "evicted_blocks": 3}]
