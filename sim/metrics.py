@@ -144,24 +144,21 @@ class ReplicaStats:
     def add_steps(self, dt, flops, nbytes, parts, prefill: int, decode: int, kv_used) -> None:
         """add_step for each element of the arrays (parts: 4 x n, the StepTime split), summed one by one as
         add_step would (np.add.accumulate adds left to right), so the totals are the per-step path's to the bit."""
-        def seq(total, values):
-            return float(np.add.accumulate(np.concatenate(([total], values)))[-1])
-
         n = len(dt)
+        k = 1 if prefill else 0
+        p = self.kind_parts[k]
+        rows = np.empty((9, n + 1))               # each total, then the values added to it
+        rows[:, 0] = (self.busy_s, self.flops, self.bytes, self.kv_block_seconds, self.kind_s[k], *p[:4])
+        rows[0, 1:], rows[1, 1:], rows[2, 1:], rows[3, 1:], rows[4, 1:] = dt, flops, nbytes, kv_used * dt, dt
+        rows[5:, 1:] = parts
+        tot = np.add.accumulate(rows, axis=1)[:, -1].tolist()
+        self.busy_s, self.flops, self.bytes, self.kv_block_seconds, self.kind_s[k] = tot[:5]
+        p[:4] = tot[5:]
         self.iterations += n
-        self.busy_s = seq(self.busy_s, dt)
-        self.flops = seq(self.flops, flops)
-        self.bytes = seq(self.bytes, nbytes)
         self.prefill_tokens += prefill * n
         self.decode_tokens += decode * n
-        self.kv_block_seconds = seq(self.kv_block_seconds, kv_used * dt)
-        k = 1 if prefill else 0
         self.kind_steps[k] += n
-        self.kind_s[k] = seq(self.kind_s[k], dt)
         self.kind_seqs[k] += decode * n
-        p = self.kind_parts[k]
-        for j in range(4):
-            p[j] = seq(p[j], parts[j])
 
 
 class Metrics:
