@@ -24,6 +24,8 @@ ROUTING = {
     "prefix_aware": (routing.PrefixAware, "longest cached prompt prefix, least loaded when imbalanced (SGLang)"),
     "tenant_pools": (routing.TenantPools, "each tenant on its own replicas; the others share the rest"),
     "session_affinity": (routing.SessionAffinity, "consistent hashing of the session id (sticky conversations)"),
+    "capacity_weighted": (routing.CapacityWeighted, "fewest outstanding per unit of capacity (heterogeneous fleets)"),
+    "cheapest_first": (routing.CheapestFirst, "lowest $ per token among replicas not yet busy, else capacity-weighted"),
 }
 ADMISSION = {
     "accept_all": (admission.AcceptAll, "admit every request"),

@@ -1,7 +1,8 @@
 """Routers pick the replica for each admitted request from read-only replica views.
 
 A view offers: index, num_waiting, num_running, outstanding (waiting + running), kv_free_fraction,
-cached_prefix_tokens(request). Ties go to the lowest index; random choices come from the run's seeded
+cached_prefix_tokens(request), capacity (decode tokens/s at a reference batch of 64 sequences of 1,024
+tokens, from the replica's own step-time model) and usd_per_hour (its GPUs' price). Ties go to the lowest index; random choices come from the run's seeded
 generator, so routing is reproducible.
 
 `reads_kv_state = False` says a router reads only queue counts (waiting, running, outstanding), which a
@@ -181,3 +182,41 @@ class TenantPools:
         ix = self.pools.get(request.tenant, self._rest)
         loads = [replicas[i].outstanding for i in ix]
         return ix[loads.index(min(loads))]
+
+
+class CapacityWeighted:
+    """Fewest outstanding requests per unit of capacity, counting the new one: (outstanding + 1) / capacity.
+    In a fleet of different GPUs (or parallelism, or models) a replica twice as fast gets twice the requests,
+    where least_outstanding would load both alike (heterogeneity-aware load balancing as in Helix and
+    Mélange's placement; llm-d's weighted scorers)."""
+
+    reads_kv_state = False
+
+    def __init__(self, rng=None):
+        pass
+
+    def route(self, request, replicas, now):
+        best, key = 0, None
+        for r in replicas:
+            k = (r.outstanding + 1) / r.capacity
+            if key is None or k < key:
+                best, key = r.index, k
+        return best
+
+
+class CheapestFirst:
+    """Cost-aware: the replica with the lowest price per output token (usd_per_hour / capacity) among those
+    with fewer than max_outstanding requests; when all are that busy, capacity-weighted. Cheap GPUs fill
+    first and dear ones take the overflow (cost-aware spill-over, as Mélange's mix of GPU types argues)."""
+
+    reads_kv_state = False
+
+    def __init__(self, rng=None, max_outstanding: int = 32):
+        self.max_outstanding = max_outstanding
+        self._fallback = CapacityWeighted()
+
+    def route(self, request, replicas, now):
+        open_ = [r for r in replicas if r.outstanding < self.max_outstanding]
+        if not open_:
+            return self._fallback.route(request, replicas, now)
+        return min(open_, key=lambda r: (r.usd_per_hour / r.capacity, r.outstanding, r.index)).index

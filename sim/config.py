@@ -264,7 +264,14 @@ Batching = Annotated[Union[SimpleBatching, PriorityBatching, SJFBatching, Dynami
 
 
 class SimpleRouting(Strict):
-    name: Literal["round_robin", "random", "least_outstanding", "least_kv", "power_of_two"] = "least_outstanding"
+    name: Literal["round_robin", "random", "least_outstanding", "least_kv", "power_of_two",
+                  "capacity_weighted"] = "least_outstanding"
+
+
+class CheapestFirstRouting(Strict):
+    name: Literal["cheapest_first"]
+    max_outstanding: PositiveInt = Field(32, description="a replica with this many requests takes no more while "
+                                                         "another has room")
 
 
 class PrefixAwareRouting(Strict):
@@ -284,7 +291,8 @@ class TenantPoolsRouting(Strict):
     pools: dict[str, list[NonNegativeInt]] = Field(description="tenant -> the replica indices that serve it")
 
 
-Routing = Annotated[Union[SimpleRouting, PrefixAwareRouting, SessionAffinityRouting, TenantPoolsRouting],
+Routing = Annotated[Union[SimpleRouting, PrefixAwareRouting, SessionAffinityRouting, TenantPoolsRouting,
+                          CheapestFirstRouting],
                     Field(discriminator="name")]
 
 
@@ -390,7 +398,7 @@ _TAGS = {"trace", "synthetic", "mix", "poisson", "gamma", "constant", "all_at_on
          "lognormal", "independent", "pairs", "roofline", "linear", "measured", "accept_all", "max_queue", "token_bucket", "slo_shedding",
          "continuous", "static", "dynamic", "sarathi", "orca", "prefill_first", "edf", "priority", "sjf", "fair",
          "round_robin", "random", "least_outstanding", "least_kv", "power_of_two", "prefix_aware", "session_affinity",
-         "tenant_pools"}
+         "tenant_pools", "capacity_weighted", "cheapest_first"}
 
 
 def _path(loc) -> str:

@@ -53,6 +53,8 @@ class Replica:
         self.fast_decode = (fast_decode and pp == 1 and not self._ids and hasattr(scheduler, "steady_decode")
                             and hasattr(model, "decode_steps"))
         self.on_done = None                 # cluster callback(req, now)
+        self.capacity = 1.0                 # decode tokens/s at a reference batch (run.decode_capacity): routers
+        self.usd_per_hour = 0.0             # what the replica's GPUs cost per hour
         # preemption by swapping: (CPU capacity in blocks, seconds to copy one block); None: recompute
         self.swap, self.swap_used = swap, 0
         self.pending_s = 0.0                # copy time owed by the step being formed (swap-outs)

@@ -102,6 +102,29 @@ def _tenant(sub: pd.DataFrame, met: pd.Series, duration: float) -> dict:
             "slo_attainment": float(met.mean()) if len(sub) else None}
 
 
+def _cost_by_group(result, df: pd.DataFrame, m, duration: float) -> dict:
+    """Per replica group (pool): its GPUs, what they cost over the run, what they served and at what price per
+    token. The groups' usd sum to the run's."""
+    fin = df[df["outcome"] == FINISHED]
+    tokens = fin.groupby("replica")["output_tokens"].sum()
+    served = fin.groupby("replica").size()
+    out: dict = {}
+    for r, s in zip(result.replicas, m.replicas):
+        g = out.setdefault(r.group, {"replicas": 0, "gpu": r.gpu, "model": r.model, "gpus": 0, "gpu_hours": 0.0,
+                                     "usd": 0.0, "requests": 0, "output_tokens": 0, "busy_s": 0.0})
+        g["replicas"] += 1
+        g["gpus"] += r.num_gpus
+        g["gpu_hours"] += r.num_gpus * duration / 3600.0
+        g["usd"] += r.num_gpus * r.usd_per_gpu_hour * duration / 3600.0
+        g["requests"] += int(served.get(r.index, 0))
+        g["output_tokens"] += int(tokens.get(r.index, 0))
+        g["busy_s"] += s.busy_s
+    for g in out.values():
+        g["usd_per_1m_output_tokens"] = g["usd"] / g["output_tokens"] * 1e6 if g["output_tokens"] else None
+        g["busy_fraction"] = g.pop("busy_s") / (g["replicas"] * duration)
+    return out
+
+
 def build_report(result, df: pd.DataFrame | None = None) -> dict:
     cfg, m = result.config, result.metrics
     df = request_table(result) if df is None else df
@@ -157,7 +180,8 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
         "tenants": {t: _tenant(sub, met_by_request[sub.index], duration) for t, sub in df.groupby("tenant", sort=True)},
         "cost": {"gpus": gpus, "gpu_hours": gpu_hours, "usd": usd,
                  "usd_per_1m_output_tokens": usd / out_tok * 1e6 if out_tok else None,
-                 "usd_per_request": usd / int(fin.sum()) if fin.any() else None},
+                 "usd_per_request": usd / int(fin.sum()) if fin.any() else None,
+                 "by_group": _cost_by_group(result, df, m, duration)},
         "utilization": {
             "mfu": flops / (sum(r.peak_flops for r in result.replicas) * duration),
             "mbu": nbytes / (sum(r.peak_bw for r in result.replicas) * duration),
@@ -236,6 +260,13 @@ def summary_markdown(rep: dict) -> str:
         L += ["", f"Routing regret over {reg['samples']} sampled decisions (up to {reg['top_k']} alternatives each, "
                   f"{reg['lookahead_s']:g} s look-ahead): mean {1000 * reg['mean_regret_s']:,.1f} ms, max "
                   f"{1000 * reg['max_regret_s']:,.1f} ms; {100 * reg['share_suboptimal']:.0f}% had a better alternative."]
+    groups = rep["cost"]["by_group"]
+    if len(groups) > 1:
+        L += ["", "| pool | replicas | GPUs | requests | output tokens | busy | $ | $ per 1M output tokens |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, g in groups.items():
+            L.append(f"| {name} | {g['replicas']} | {g['gpus']} | {g['requests']:,} | {g['output_tokens']:,} | "
+                     f"{_fmt(100 * g['busy_fraction'])} % | {_fmt(g['usd'])} | {_fmt(g['usd_per_1m_output_tokens'])} |")
     found = rep["anomalies"]["found"]
     L += ["", "Anomalies: " + ("none found." if not found else "")] + [f"- {f}" for f in found]
     return "\n".join(L) + "\n"

@@ -14,6 +14,7 @@ from servesim.hwmodels.catalog import GIB, get_gpu, get_model
 from servesim.hwmodels.linear import LinearModel
 from servesim.hwmodels.memory import engine_constants, plan_memory
 from servesim.hwmodels.roofline import RooflineModel
+from servesim.hwmodels.step_time import BatchShape
 from servesim.policies import registry
 from servesim.policies.response_cache import ResponseCache
 from servesim.traces.workload import Workload, build_workload
@@ -149,6 +150,9 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
                                     check_invariants=cfg.sim.check_invariants, pp=pp,
                                     fast_decode=cfg.sim.fast_decode, stop_time=min(cfg.sim.max_sim_time_s or math.inf, until),
                                     swap=swap_space(e, plan)))
+            rep = replicas[-1]
+            rep.capacity = decode_capacity(step_model, e.max_num_seqs)
+            rep.usd_per_hour = n_gpus * price
             infos.append(ReplicaInfo(i, name, gpu.name, model.name, tp, pp, n_gpus, price,
                                      n_gpus * gpu.peak_flops(g.dtype), n_gpus * gpu.mem_bw, blocks, e.block_size,
                                      plan.describe()))
@@ -169,6 +173,16 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
                       ResponseCache(rc.capacity) if rc.enabled else None)
     workload = build_workload(cfg.workload, wl_rng, base_dir)
     return cluster, replicas, infos, workload
+
+
+CAPACITY_BATCH, CAPACITY_CONTEXT = 64, 1024
+
+
+def decode_capacity(model, max_num_seqs: int) -> float:
+    """Output tokens/s of a replica decoding a batch of min(64, max_num_seqs) sequences of 1,024 cached tokens:
+    one number that ranks replicas of different GPUs, parallelism and models for capability-aware routing."""
+    b = min(CAPACITY_BATCH, max_num_seqs)
+    return b / model.step_time(BatchShape(decode_cached=[CAPACITY_CONTEXT] * b, num_sampled=b)).seconds
 
 
 def swap_space(e, plan):
