@@ -151,7 +151,8 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
                                     fast_decode=cfg.sim.fast_decode, stop_time=min(cfg.sim.max_sim_time_s or math.inf, until),
                                     swap=swap_space(e, plan)))
             rep = replicas[-1]
-            rep.capacity = decode_capacity(step_model, e.max_num_seqs)
+            # a measured backend runs real kernels for every step it prices: rank it by its roofline instead
+            rep.capacity = decode_capacity(roofline() if pm.name == "measured" else step_model, e.max_num_seqs)
             rep.usd_per_hour = n_gpus * price
             infos.append(ReplicaInfo(i, name, gpu.name, model.name, tp, pp, n_gpus, price,
                                      n_gpus * gpu.peak_flops(g.dtype), n_gpus * gpu.mem_bw, blocks, e.block_size,
