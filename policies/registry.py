@@ -25,6 +25,7 @@ ROUTING = {
     "tenant_pools": (routing.TenantPools, "each tenant on its own replicas; the others share the rest"),
     "session_affinity": (routing.SessionAffinity, "consistent hashing of the session id (sticky conversations)"),
     "capacity_weighted": (routing.CapacityWeighted, "fewest outstanding per unit of capacity (heterogeneous fleets)"),
+    "canary": (routing.Canary, "a stable fraction of requests to one replica group (canary rollout)"),
     "cheapest_first": (routing.CheapestFirst, "lowest $ per token among replicas not yet busy, else capacity-weighted"),
 }
 ADMISSION = {

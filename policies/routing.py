@@ -220,3 +220,33 @@ class CheapestFirst:
         if not open_:
             return self._fallback.route(request, replicas, now)
         return min(open_, key=lambda r: (r.usd_per_hour / r.capacity, r.outstanding, r.index)).index
+
+
+class Canary:
+    """Canary rollout: a stable `fraction` of requests (by a hash of the request id, so the same requests in
+    every run and seed) goes to the replicas of group `group` (a changed configuration: fp8 weights, another
+    scheduler setting), the rest to the other replicas; the least loaded replica within each side. The
+    report's `groups` section then compares the two sides."""
+
+    reads_kv_state = False
+
+    def __init__(self, rng=None, group: str = "canary", fraction: float = 0.1):
+        self.group, self.fraction = group, fraction
+        self._sides = None
+
+    def validate_groups(self, groups: list) -> None:
+        from servesim.sim.errors import ConfigError
+        canary = [i for i, g in enumerate(groups) if g == self.group]
+        rest = [i for i, g in enumerate(groups) if g != self.group]
+        if not canary or not rest:
+            raise ConfigError(f"policies.routing.group: {self.group!r} must name some replicas (fleet.replicas[].name) "
+                              f"but not all (groups: {sorted(set(groups))})")
+        self._sides = (canary, rest)
+
+    def route(self, request, replicas, now):
+        if self._sides is None:
+            self.validate_groups([r.group for r in replicas])
+        h = int.from_bytes(hashlib.blake2b(str(request.id).encode(), digest_size=8).digest(), "big") / 2.0 ** 64
+        ix = self._sides[0] if h < self.fraction else self._sides[1]
+        loads = [replicas[i].outstanding for i in ix]
+        return ix[loads.index(min(loads))]

@@ -291,8 +291,14 @@ class TenantPoolsRouting(Strict):
     pools: dict[str, list[NonNegativeInt]] = Field(description="tenant -> the replica indices that serve it")
 
 
+class CanaryRouting(Strict):
+    name: Literal["canary"]
+    group: str = Field(description="the replica group (fleet.replicas[].name) that gets the canary traffic")
+    fraction: float = Field(0.1, gt=0, lt=1, description="share of requests sent to it")
+
+
 Routing = Annotated[Union[SimpleRouting, PrefixAwareRouting, SessionAffinityRouting, TenantPoolsRouting,
-                          CheapestFirstRouting],
+                          CheapestFirstRouting, CanaryRouting],
                     Field(discriminator="name")]
 
 
@@ -398,7 +404,7 @@ _TAGS = {"trace", "synthetic", "mix", "poisson", "gamma", "constant", "all_at_on
          "lognormal", "independent", "pairs", "roofline", "linear", "measured", "accept_all", "max_queue", "token_bucket", "slo_shedding",
          "continuous", "static", "dynamic", "sarathi", "orca", "prefill_first", "edf", "priority", "sjf", "fair",
          "round_robin", "random", "least_outstanding", "least_kv", "power_of_two", "prefix_aware", "session_affinity",
-         "tenant_pools", "capacity_weighted", "cheapest_first"}
+         "tenant_pools", "capacity_weighted", "cheapest_first", "canary"}
 
 
 def _path(loc) -> str:

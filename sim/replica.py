@@ -55,6 +55,7 @@ class Replica:
         self.on_done = None                 # cluster callback(req, now)
         self.capacity = 1.0                 # decode tokens/s at a reference batch (run.decode_capacity): routers
         self.usd_per_hour = 0.0             # what the replica's GPUs cost per hour
+        self.group = ""                     # its replica group's name (fleet.replicas[].name)
         # preemption by swapping: (CPU capacity in blocks, seconds to copy one block); None: recompute
         self.swap, self.swap_used = swap, 0
         self.pending_s = 0.0                # copy time owed by the step being formed (swap-outs)

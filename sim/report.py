@@ -91,8 +91,8 @@ def slo_met(df: pd.DataFrame, cfg) -> pd.Series:
 
 
 def _tenant(sub: pd.DataFrame, met: pd.Series, duration: float) -> dict:
-    """One tenant's share of the run: its requests, latencies and SLO attainment (each request judged by
-    its own class)."""
+    """A slice of the run (a tenant, a replica group): its requests, latencies and SLO attainment (each request
+    judged by its own class)."""
     fin = sub["outcome"] == FINISHED
     return {"requests": int(len(sub)), "finished": int(fin.sum()),
             "rejected": int((sub["outcome"] == REJECTED).sum()),
@@ -100,6 +100,14 @@ def _tenant(sub: pd.DataFrame, met: pd.Series, duration: float) -> dict:
             "tpot_ms": {k: v for k, v in _stats_ms(sub["tpot_s"]).items() if k in ("p50", "p99")},
             "output_tokens_per_s": int(sub.loc[fin, "output_tokens"].sum()) / duration,
             "slo_attainment": float(met.mean()) if len(sub) else None}
+
+
+def _groups(result, df: pd.DataFrame, met: pd.Series, duration: float) -> dict:
+    """Latency and SLO attainment of the requests each replica group served (a canary against the rest, one
+    GPU pool against another)."""
+    name = {r.index: r.group for r in result.replicas}
+    grp = df["replica"].map(name)
+    return {g: _tenant(df[grp == g], met[grp == g], duration) for g in dict.fromkeys(name.values())}
 
 
 def _cost_by_group(result, df: pd.DataFrame, m, duration: float) -> dict:
@@ -182,6 +190,7 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
                  "usd_per_1m_output_tokens": usd / out_tok * 1e6 if out_tok else None,
                  "usd_per_request": usd / int(fin.sum()) if fin.any() else None,
                  "by_group": _cost_by_group(result, df, m, duration)},
+        "groups": _groups(result, df, met_by_request, duration),
         "utilization": {
             "mfu": flops / (sum(r.peak_flops for r in result.replicas) * duration),
             "mbu": nbytes / (sum(r.peak_bw for r in result.replicas) * duration),
@@ -262,11 +271,15 @@ def summary_markdown(rep: dict) -> str:
                   f"{1000 * reg['max_regret_s']:,.1f} ms; {100 * reg['share_suboptimal']:.0f}% had a better alternative."]
     groups = rep["cost"]["by_group"]
     if len(groups) > 1:
-        L += ["", "| pool | replicas | GPUs | requests | output tokens | busy | $ | $ per 1M output tokens |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        L += ["", "| pool | replicas | GPUs | requests | output tokens | busy | TTFT p99 (ms) | TPOT p99 (ms) "
+                  "| SLO attainment | $ | $ per 1M output tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, g in groups.items():
+            lat = rep["groups"][name]
+            att = lat["slo_attainment"]
             L.append(f"| {name} | {g['replicas']} | {g['gpus']} | {g['requests']:,} | {g['output_tokens']:,} | "
-                     f"{_fmt(100 * g['busy_fraction'])} % | {_fmt(g['usd'])} | {_fmt(g['usd_per_1m_output_tokens'])} |")
+                     f"{_fmt(100 * g['busy_fraction'])} % | {_fmt(lat['ttft_ms']['p99'])} | {_fmt(lat['tpot_ms']['p99'])} "
+                     f"| {_fmt(100 * att if att is not None else None)} % "
+                     f"| {_fmt(g['usd'])} | {_fmt(g['usd_per_1m_output_tokens'])} |")
     found = rep["anomalies"]["found"]
     L += ["", "Anomalies: " + ("none found." if not found else "")] + [f"- {f}" for f in found]
     return "\n".join(L) + "\n"

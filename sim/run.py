@@ -154,12 +154,15 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
             # a measured backend runs real kernels for every step it prices: rank it by its roofline instead
             rep.capacity = decode_capacity(roofline() if pm.name == "measured" else step_model, e.max_num_seqs)
             rep.usd_per_hour = n_gpus * price
+            rep.group = name
             infos.append(ReplicaInfo(i, name, gpu.name, model.name, tp, pp, n_gpus, price,
                                      n_gpus * gpu.peak_flops(g.dtype), n_gpus * gpu.mem_bw, blocks, e.block_size,
                                      plan.describe()))
     router = registry.ROUTING[pol.routing.name][0](route_rng, **pol.routing.model_dump(exclude={"name"}))
     if hasattr(router, "validate"):          # a router that names replicas checks them against the fleet
         router.validate(len(replicas))
+    if hasattr(router, "validate_groups"):   # ... or names replica groups
+        router.validate_groups([r.group for r in replicas])
     if route_override is not None:
         from .decisions import ForcedRouter
         router = ForcedRouter(router, *route_override)

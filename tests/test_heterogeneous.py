@@ -74,3 +74,36 @@ def test_cost_by_group_adds_up(tmp_path):
     assert g["g1"]["usd_per_1m_output_tokens"] == pytest.approx(g["g1"]["usd"] / 40 * 1e6)
     dur = rep["sim"]["simulated_s"]
     assert g["g0"]["busy_fraction"] == pytest.approx(res.metrics.replicas[0].busy_s / dur)
+
+
+def _canary_raw(group="canary"):
+    raw = copy.deepcopy(BASE)
+    raw["fleet"]["replicas"] = [
+        {"name": "stable", "count": 2, "gpu": "H100-SXM", "model": "meta-llama/Llama-3.1-8B"},
+        {"name": "canary", "count": 1, "gpu": "H100-SXM", "model": "meta-llama/Llama-3.1-8B", "dtype": "fp8"}]
+    raw["policies"] = {"routing": {"name": "canary", "group": group, "fraction": 0.25}}
+    return raw
+
+
+def test_canary_sends_a_stable_hashed_fraction_to_its_group():
+    import hashlib
+    res, df = run_raw(_canary_raw())
+    h = df["id"].map(lambda i: int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "big")
+                     / 2.0 ** 64)
+    assert ((df["replica"] == 2) == (h < 0.25)).all()              # the canary side is exactly the hashed share
+    assert 0.15 < (df["replica"] == 2).mean() < 0.35
+    rep = build_report(res, df)
+    g = rep["groups"]
+    assert list(g) == ["stable", "canary"]
+    assert g["canary"]["requests"] == int((df["replica"] == 2).sum())
+    assert g["stable"]["requests"] + g["canary"]["requests"] == len(df)
+    # fp8 weights read half the bytes: the canary's decode is faster
+    assert g["canary"]["tpot_ms"]["p50"] < g["stable"]["tpot_ms"]["p50"]
+
+
+def test_canary_group_must_exist():
+    from servesim.sim.config import parse_config
+    from servesim.sim.errors import ConfigError
+    from servesim.sim.run import simulate
+    with pytest.raises(ConfigError, match="policies.routing.group: 'blue' must name some replicas"):
+        simulate(parse_config(_canary_raw("blue")))
