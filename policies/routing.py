@@ -1,6 +1,7 @@
 """Routers pick the replica for each admitted request from read-only replica views.
 
-A view offers: index, num_waiting, num_running, outstanding (waiting + running), kv_free_fraction,
+Routers get the replicas they may choose from (all of them, or the active ones under autoscaling) and return
+a position in that list. A view offers: index, num_waiting, num_running, outstanding (waiting + running), kv_free_fraction,
 cached_prefix_tokens(request), capacity (decode tokens/s at a reference batch of 64 sequences of 1,024
 tokens, from the replica's own step-time model) and usd_per_hour (its GPUs' price). Ties go to the lowest index; random choices come from the run's seeded
 generator, so routing is reproducible.
@@ -197,10 +198,10 @@ class CapacityWeighted:
 
     def route(self, request, replicas, now):
         best, key = 0, None
-        for r in replicas:
+        for j, r in enumerate(replicas):
             k = (r.outstanding + 1) / r.capacity
             if key is None or k < key:
-                best, key = r.index, k
+                best, key = j, k
         return best
 
 
@@ -216,10 +217,10 @@ class CheapestFirst:
         self._fallback = CapacityWeighted()
 
     def route(self, request, replicas, now):
-        open_ = [r for r in replicas if r.outstanding < self.max_outstanding]
+        open_ = [j for j, r in enumerate(replicas) if r.outstanding < self.max_outstanding]
         if not open_:
             return self._fallback.route(request, replicas, now)
-        return min(open_, key=lambda r: (r.usd_per_hour / r.capacity, r.outstanding, r.index)).index
+        return min(open_, key=lambda j: (replicas[j].usd_per_hour / replicas[j].capacity, replicas[j].outstanding, j))
 
 
 class Canary:

@@ -21,6 +21,9 @@ class Cluster:
         self.rejections: dict[str, int] = {}
         self.response_cache = response_cache     # policies/response_cache.py, or None
         self._next_arrival = None        # open loop: exact time of the next arrival event; None: unknown
+        self.routable = replicas         # what routers choose from: all, or the active ones (sim/autoscaler.py)
+        self.autoscaler = None
+        self.arrivals_done = False       # no request will arrive any more
         self.counts_only = not (getattr(router, "reads_kv_state", True) or getattr(admission, "reads_kv_state", True))
         self.max_request_tokens = max(r.max_request_tokens for r in replicas)
         for r in replicas:
@@ -50,13 +53,21 @@ class Cluster:
             log.admit(req, reason, now)
         if reason:
             return self._reject(req, reason, now)
-        i = self.router.route(req, self.replicas, now)
+        pool = self.routable
+        rep = pool[self.router.route(req, pool, now)]
         if log is not None:
-            log.route(req, self.replicas, i, now)
-        reason = self.replicas[i].fits(req)
+            log.route(req, pool, rep.index, now)
+        reason = rep.fits(req)
         if reason:
             return self._reject(req, reason, now)
-        self.replicas[i].add(req)
+        rep.add(req)
+
+    def set_routable(self, replicas: list) -> None:
+        self.routable = replicas
+
+    def idle_forever(self) -> bool:
+        """Nothing will arrive and nothing is in the system: the autoscaler's clock may stop."""
+        return self.arrivals_done and not any(r.outstanding for r in self.replicas)
 
     def _reject(self, req: Request, reason: str, now: float) -> None:
         req.outcome, req.reason, req.finish = REJECTED, reason, now
@@ -74,6 +85,8 @@ class Cluster:
         if self.response_cache is not None and req.outcome == FINISHED:
             self.response_cache.store(req)
         self.metrics.on_done(req, now)
+        if self.autoscaler is not None:
+            self.autoscaler.on_done(req)
         if req.on_finish is not None:
             req.on_finish(req)
 
@@ -95,6 +108,7 @@ class Cluster:
                 yield at(env, t - env.now, ARRIVE)
             self.submit(self._make(w, i, env.now))
         self._next_arrival = float("inf")
+        self.arrivals_done = True
 
     def closed_loop(self, w):
         """N clients; each sends its next request think_time_s after the previous one ends."""
@@ -102,10 +116,14 @@ class Cluster:
         state = {"next": 0}
         limit = w.max_requests
 
+        state["clients"] = w.concurrency
+
         def client():
             while True:
                 i = state["next"]
                 if (limit is not None and i >= limit) or (w.duration_s is not None and env.now >= w.duration_s):
+                    state["clients"] -= 1
+                    self.arrivals_done = state["clients"] == 0
                     return
                 if i >= len(w):
                     w.extend()

@@ -127,7 +127,17 @@ class ClosedLoop(Strict):
     think_time_s: NonNegativeFloat = 0.0
 
 
-Arrival = Annotated[Union[Poisson, GammaArrivals, ConstantRate, AllAtOnce, ClosedLoop], Field(discriminator="process")]
+class Diurnal(Strict):
+    """A day's load, time-scaled: Poisson arrivals whose rate swings between rate x (1 - amplitude) at t=0 and
+    rate x (1 + amplitude) at period_s / 2: rate(t) = rate x (1 - amplitude x cos(2 pi t / period_s))."""
+    process: Literal["diurnal"]
+    rate: PositiveFloat = Field(description="mean rate, requests/s")
+    amplitude: float = Field(0.5, ge=0, le=1)
+    period_s: PositiveFloat = 86400.0
+
+
+Arrival = Annotated[Union[Poisson, GammaArrivals, ConstantRate, AllAtOnce, ClosedLoop, Diurnal],
+                    Field(discriminator="process")]
 
 
 class Fixed(Strict):
@@ -377,6 +387,29 @@ class SimOptions(Strict):
                                                 "(identical results; false runs every step through the policy)")
 
 
+class ColdStart(Strict):
+    load_gbps: PositiveFloat = Field(2.0, description="weights read per GPU, GB/s (local NVMe ~2-7, network storage less)")
+    engine_startup_s: NonNegativeFloat = Field(30.0, description="engine start after the weights: process, CUDA "
+                                                                 "graphs, warm-up")
+
+
+class Autoscaling(Strict):
+    """Scale one replica group between min_replicas and its count. Every interval_s the metric of the active
+    replicas is compared with the target: concurrency (outstanding requests per replica, as Knative's KPA),
+    queue (waiting requests per replica) or slo_attainment (of the requests finished in the last interval)."""
+    group: NonNegativeInt = Field(0, description="index into fleet.replicas; its count is the maximum")
+    min_replicas: PositiveInt = 1
+    initial_replicas: Optional[PositiveInt] = Field(None, description="active at t=0 (default min_replicas)")
+    metric: Literal["concurrency", "queue", "slo_attainment"] = "concurrency"
+    target: PositiveFloat
+    tolerance: float = Field(0.1, ge=0, lt=1, description="no change while metric / target is within 1 +- this "
+                                                          "(Kubernetes HPA's default)")
+    interval_s: PositiveFloat = 10.0
+    scale_down_cooldown_s: NonNegativeFloat = 60.0
+    warm_pool: NonNegativeInt = Field(0, description="standby replicas kept loaded (paid): they start at once")
+    cold_start: ColdStart = ColdStart()
+
+
 class Config(Strict):
     name: str = "run"
     seed: int = 0
@@ -387,6 +420,28 @@ class Config(Strict):
     cost: Cost = Cost()
     output: Output = Output()
     sim: SimOptions = SimOptions()
+    autoscaling: Optional[Autoscaling] = None
+
+    @model_validator(mode="after")
+    def _autoscaling(self):
+        a = self.autoscaling
+        if a is None:
+            return self
+        if a.group >= len(self.fleet.replicas):
+            raise ValueError(f"autoscaling.group: {a.group} is not an index into fleet.replicas "
+                             f"(0..{len(self.fleet.replicas) - 1})")
+        count = self.fleet.replicas[a.group].count
+        init = a.initial_replicas or a.min_replicas
+        if not a.min_replicas <= init <= count or init + a.warm_pool > count:
+            raise ValueError(f"autoscaling: need min_replicas <= initial_replicas <= fleet.replicas[{a.group}].count "
+                             f"({count}, the maximum) and initial_replicas + warm_pool <= it "
+                             f"(got min {a.min_replicas}, initial {init}, warm pool {a.warm_pool})")
+        if a.metric == "slo_attainment" and a.target > 1:
+            raise ValueError("autoscaling.target: an SLO attainment target is a fraction in (0, 1]")
+        if self.policies.routing.name in ("tenant_pools", "canary"):
+            raise ValueError(f"autoscaling: policies.routing {self.policies.routing.name} names fixed replicas; use "
+                             "a router that picks among the active ones")
+        return self
 
     @model_validator(mode="after")
     def _classes_exist(self):
@@ -404,7 +459,8 @@ _TAGS = {"trace", "synthetic", "mix", "poisson", "gamma", "constant", "all_at_on
          "lognormal", "independent", "pairs", "roofline", "linear", "measured", "accept_all", "max_queue", "token_bucket", "slo_shedding",
          "continuous", "static", "dynamic", "sarathi", "orca", "prefill_first", "edf", "priority", "sjf", "fair",
          "round_robin", "random", "least_outstanding", "least_kv", "power_of_two", "prefix_aware", "session_affinity",
-         "tenant_pools", "capacity_weighted", "cheapest_first", "canary"}
+         "tenant_pools", "capacity_weighted", "cheapest_first", "canary", "diurnal", "concurrency",
+         "queue", "slo_attainment"}
 
 
 def _path(loc) -> str:

@@ -80,8 +80,8 @@ class ForcedRouter:
 
     def route(self, request, replicas, now):
         i = self.base.route(request, replicas, now)
-        if self.n == self.index:
-            i = self.replica
+        if self.n == self.index:                      # routers return positions in the list they were given
+            i = next((j for j, r in enumerate(replicas) if r.index == self.replica), i)
         self.n += 1
         return i
 

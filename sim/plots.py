@@ -80,7 +80,45 @@ def write_plots(result, df, ts, out: Path, rates=None) -> list[Path]:
     paths.append(save(fig, out / "kv_usage.png"))
     if rates is not None:
         paths.append(replica_series(ts, rates, out / "replicas_timeseries.png"))
+    if result.autoscaling is not None:
+        paths.append(autoscaling_plot(result.autoscaling, df, ts, out / "autoscaling.png"))
     return paths
+
+
+def autoscaling_plot(a: dict, df, ts, path: Path, bucket_s: float = 30.0) -> Path:
+    """Replicas by state, the fleet's queue, and TTFT (p50, p99 of requests arriving per bucket) over time."""
+    fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
+    tl = a["timeline"]
+    t = [0.0] + [r["t"] for r in tl]
+    for key, label in (("active", "active"), ("starting", "starting (cold start)"), ("warm", "warm standby"),
+                       ("draining", "draining")):
+        first = tl[0][key] if tl else 0
+        a1.step(t, [first] + [r[key] for r in tl], where="post", label=label)
+    for e in a["events"]:
+        if e["to"] == "starting":
+            a1.axvline(e["t"], color="grey", lw=0.5, alpha=0.4)
+    a1.set_ylabel("replicas")
+    a1.legend(loc="upper right", fontsize=8)
+    a1.set_title(f"Autoscaling (cold start {a['cold_start_s']:.0f} s)")
+    if len(ts):
+        grid = np.arange(0, ts["t_s"].max() + bucket_s / 10, bucket_s / 10)
+        waiting = np.zeros_like(grid)
+        for _, g in ts.groupby("replica"):
+            idx = np.searchsorted(g["t_s"].to_numpy(), grid, side="right") - 1
+            ok = idx >= 0
+            waiting[ok] += g["waiting"].to_numpy()[idx[ok]]
+        a2.plot(grid, waiting, lw=0.8)
+    a2.set_ylabel("queued requests")
+    b = (df["arrival_s"] // bucket_s) * bucket_s
+    q = (df["ttft_s"] * 1000).groupby(b).quantile([0.5, 0.99]).unstack()
+    if len(q):
+        a3.plot(q.index, q[0.5], label="TTFT p50")
+        a3.plot(q.index, q[0.99], label="TTFT p99")
+        a3.set_yscale("log")
+    a3.set_ylabel("ms (by arrival)")
+    a3.set_xlabel("simulated time (s)")
+    a3.legend(loc="upper right", fontsize=8)
+    return save(fig, path)
 
 
 def replica_series(ts, rates, path: Path, max_lines: int = 16) -> Path:

@@ -81,6 +81,22 @@ def _offload(result, prompt_tokens: int) -> dict:
     return out
 
 
+def meets_slo(req, classes) -> bool:
+    """One finished request against its class's thresholds (the autoscaler's slo_attainment signal)."""
+    if req.outcome != FINISHED:
+        return False
+    slo = classes[req.slo_class]
+    ttft, e2e = req.first_token - req.arrival, req.finish - req.arrival
+    tpot = (req.finish - req.first_token) / (req.output_tokens - 1) if req.output_tokens > 1 else None
+    return ((slo.ttft_ms is None or ttft <= slo.ttft_ms / 1000) and (slo.e2e_ms is None or e2e <= slo.e2e_ms / 1000)
+            and (slo.tpot_ms is None or tpot is None or tpot <= slo.tpot_ms / 1000))
+
+
+def paid_s(result, r, duration: float) -> float:
+    """Seconds replica r's GPUs are paid for: the whole run, or what the autoscaler kept it up."""
+    return result.paid_s.get(r.index, duration) if result.paid_s else duration
+
+
 def slo_met(df: pd.DataFrame, cfg) -> pd.Series:
     """For each request: did it meet every threshold of its own SLO class?"""
     met = pd.Series(False, index=df.index)
@@ -122,8 +138,8 @@ def _cost_by_group(result, df: pd.DataFrame, m, duration: float) -> dict:
                                      "usd": 0.0, "requests": 0, "output_tokens": 0, "busy_s": 0.0})
         g["replicas"] += 1
         g["gpus"] += r.num_gpus
-        g["gpu_hours"] += r.num_gpus * duration / 3600.0
-        g["usd"] += r.num_gpus * r.usd_per_gpu_hour * duration / 3600.0
+        g["gpu_hours"] += r.num_gpus * paid_s(result, r, duration) / 3600.0
+        g["usd"] += r.num_gpus * r.usd_per_gpu_hour * paid_s(result, r, duration) / 3600.0
         g["requests"] += int(served.get(r.index, 0))
         g["output_tokens"] += int(tokens.get(r.index, 0))
         g["busy_s"] += s.busy_s
@@ -157,8 +173,8 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
                          "goodput_requests_per_s": met / duration,
                          "targets_ms": slo.model_dump(exclude={"priority"})}
     gpus = sum(r.num_gpus for r in result.replicas)
-    gpu_hours = gpus * duration / 3600.0
-    usd = sum(r.num_gpus * r.usd_per_gpu_hour for r in result.replicas) * duration / 3600.0
+    gpu_hours = sum(r.num_gpus * paid_s(result, r, duration) for r in result.replicas) / 3600.0
+    usd = sum(r.num_gpus * r.usd_per_gpu_hour * paid_s(result, r, duration) for r in result.replicas) / 3600.0
     flops = sum(s.flops for s in m.replicas)
     nbytes = sum(s.bytes for s in m.replicas)
     kv_usage = [s.kv_block_seconds / (r.num_blocks * duration) for s, r in zip(m.replicas, result.replicas)]
@@ -191,6 +207,7 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
                  "usd_per_request": usd / int(fin.sum()) if fin.any() else None,
                  "by_group": _cost_by_group(result, df, m, duration)},
         "groups": _groups(result, df, met_by_request, duration),
+        **({"autoscaling": result.autoscaling} if result.autoscaling is not None else {}),
         "utilization": {
             "mfu": flops / (sum(r.peak_flops for r in result.replicas) * duration),
             "mbu": nbytes / (sum(r.peak_bw for r in result.replicas) * duration),

@@ -59,6 +59,8 @@ class RunResult:
     pools: list = field(default_factory=list)
     step_models: list = field(default_factory=list)   # per replica (the measured backend keeps a step log)
     regret: dict | None = None                         # routing regret, computed on request (sim/decisions.py)
+    autoscaling: dict | None = None                    # the autoscaler's events and timeline (sim/autoscaler.py)
+    paid_s: dict | None = None                         # scaled replicas: seconds paid (others: the whole run)
 
 
 def _price(cfg: Config, gpu) -> float:
@@ -90,6 +92,7 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
             return batching_cls.from_config(e, batching_params, cfg, policy_rng)
         return batching_cls(e.max_num_seqs, e.max_num_batched_tokens, e.enable_chunked_prefill, **batching_params)
     replicas, infos = [], []
+    group_of, plans = [], []                 # each replica's group index; each group's memory plan
     pol = cfg.policies
     eviction = registry.EVICTION[pol.eviction.name][0]()
     for gi, g in enumerate(cfg.fleet.replicas):
@@ -117,6 +120,7 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
                       max_num_batched_tokens=e.max_num_batched_tokens, max_num_seqs=e.max_num_seqs,
                       runtime_overhead_gib=e.runtime_overhead_gib)
         blocks = e.num_gpu_blocks_override or plan.num_blocks
+        plans.append(plan)
         pm = g.perf_model
 
         def roofline():
@@ -155,6 +159,7 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
             rep.capacity = decode_capacity(roofline() if pm.name == "measured" else step_model, e.max_num_seqs)
             rep.usd_per_hour = n_gpus * price
             rep.group = name
+            group_of.append(gi)
             infos.append(ReplicaInfo(i, name, gpu.name, model.name, tp, pp, n_gpus, price,
                                      n_gpus * gpu.peak_flops(g.dtype), n_gpus * gpu.mem_bw, blocks, e.block_size,
                                      plan.describe()))
@@ -175,6 +180,13 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
     rc = pol.response_cache
     cluster = Cluster(env, replicas, router, admission, metrics,
                       ResponseCache(rc.capacity) if rc.enabled else None)
+    a = cfg.autoscaling
+    if a is not None:
+        from .autoscaler import Autoscaler
+        from .report import meets_slo
+        cold = plans[a.group].weight_bytes / (a.cold_start.load_gbps * 1e9) + a.cold_start.engine_startup_s
+        scaler = Autoscaler(env, cluster, [r for r, g in zip(replicas, group_of) if g == a.group], a, cold)
+        scaler.meets = lambda req: meets_slo(req, cfg.slo.classes)
     workload = build_workload(cfg.workload, wl_rng, base_dir)
     return cluster, replicas, infos, workload
 
@@ -252,5 +264,9 @@ def simulate(cfg: Config, base_dir: Path | None = None, progress=None, measured_
     if unfinished and limit != math.inf:
         sim_end = limit
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return RunResult(cfg, metrics, infos, dict(cluster.rejections), workload, sim_end, events,
-                     time.perf_counter() - t0, rss, [r.pool for r in replicas], [r.model for r in replicas])
+    res = RunResult(cfg, metrics, infos, dict(cluster.rejections), workload, sim_end, events,
+                    time.perf_counter() - t0, rss, [r.pool for r in replicas], [r.model for r in replicas])
+    if cluster.autoscaler is not None:
+        res.autoscaling = cluster.autoscaler.report(sim_end)
+        res.paid_s = dict(cluster.autoscaler.paid_s)
+    return res

@@ -18,8 +18,29 @@ def interarrivals(arrival, n: int, rng: np.random.Generator) -> np.ndarray:
     raise ValueError(p)
 
 
+def diurnal_times(arrival, num_requests: int | None, duration_s: float | None, rng) -> np.ndarray:
+    """Inhomogeneous Poisson arrivals by thinning (Lewis and Shedler, 1979): candidates at the peak rate,
+    each kept with probability rate(t) / peak."""
+    peak = arrival.rate * (1 + arrival.amplitude)
+    out, last = [], 0.0
+    while True:
+        c = last + np.cumsum(rng.exponential(1.0 / peak, 4096))
+        lam = arrival.rate * (1 - arrival.amplitude * np.cos(2 * np.pi * c / arrival.period_s))
+        out.append(c[rng.random(len(c)) * peak < lam])
+        last = c[-1]
+        n = sum(len(x) for x in out)
+        if (num_requests is not None and n >= num_requests) or (duration_s is not None and last >= duration_s):
+            break
+    t = np.concatenate(out)
+    if num_requests is not None:
+        t = t[:num_requests]
+    return t if duration_s is None else t[t < duration_s]
+
+
 def arrival_times(arrival, num_requests: int | None, duration_s: float | None, rng) -> np.ndarray:
-    """Open-loop arrival times; the first request arrives at t=0 (then gaps follow)."""
+    """Open-loop arrival times; the first request arrives at t=0 (then gaps follow), except diurnal ones."""
+    if arrival.process == "diurnal":
+        return diurnal_times(arrival, num_requests, duration_s, rng)
     if num_requests is not None:
         t = np.concatenate([[0.0], np.cumsum(interarrivals(arrival, num_requests - 1, rng))])
         return t if duration_s is None else t[t < duration_s]
