@@ -222,7 +222,12 @@ COMPARED = (("latency_ms.ttft.p99", "p99 TTFT (ms)"), ("latency_ms.tpot.p99", "p
 
 
 def _short(key: str, v) -> str:
-    """A bar label: `rate_scale=2.0`; a policy section as `priority(priorities={...})`."""
+    """A bar label: `rate_scale=2.0`; a policy section as `priority(priorities={...})`; a list of named
+    sections (replica groups) as `prefill x2 + decode x2`."""
+    if isinstance(v, str) and v.startswith("[{"):
+        items = json.loads(v)
+        if all(isinstance(d, dict) and "name" in d for d in items):
+            return " + ".join(f"{d['name']} x{d.get('count', 1)}" for d in items)
     if isinstance(v, str) and v.startswith("{"):
         d = json.loads(v)
         if "name" in d:

@@ -9,10 +9,11 @@ Requests: every instant between arrival and finish is in exactly one part:
   queue      arrival -> first scheduled
   preemption from a preemption until the request's KV is back (re-queued, recomputed or swapped in)
   kv_load    loading its own cached prefix back from KV offload tiers (outside preemptions)
+  kv_transfer sending its KV from its prefill replica to its decode replica (disaggregation)
   prefill    the rest of the time to the first token (its prompt steps, and waits between chunks)
   decode     the rest of the time after the first token
-TTFT = queue + prefill + the preemption and kv_load before the first token; E2E adds decode and the
-preemptions after it.
+TTFT = queue + prefill + the preemption and kv_load before the first token; E2E adds decode, the KV
+transfer and the preemptions after the first token.
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from .metrics import BLOCKERS, STEP_KINDS, TIME_PARTS
 from .request import FINISHED
 
 TTFT_PARTS = ("queue_s", "prefill_s", "preempted_ttft_s", "kv_load_s")
-E2E_PARTS = ("queue_s", "prefill_s", "decode_s", "preempted_s", "kv_load_s")
+E2E_PARTS = ("queue_s", "prefill_s", "decode_s", "preempted_s", "kv_load_s", "kv_transfer_s")
 PART_NAMES = {"queue_s": "queueing", "prefill_s": "prefill", "decode_s": "decode", "preempted_s": "preemption",
-              "preempted_ttft_s": "preemption", "kv_load_s": "KV offload loads"}
+              "preempted_ttft_s": "preemption", "kv_load_s": "KV offload loads", "kv_transfer_s": "KV transfer"}
 
 
 def add_request_parts(df: pd.DataFrame) -> pd.DataFrame:
@@ -33,8 +34,9 @@ def add_request_parts(df: pd.DataFrame) -> pd.DataFrame:
     fin = df["outcome"] == FINISHED
     df["prefill_s"] = (df["first_token_s"] - df["first_scheduled_s"] - df["preempted_ttft_s"]
                        - df["kv_load_s"]).where(fin)
-    df["decode_s"] = (df["finish_s"] - df["first_token_s"] - (df["preempted_s"] - df["preempted_ttft_s"])).where(fin)
-    for c in ("preempted_s", "preempted_ttft_s", "kv_load_s"):
+    df["decode_s"] = (df["finish_s"] - df["first_token_s"] - (df["preempted_s"] - df["preempted_ttft_s"])
+                      - df["kv_transfer_s"]).where(fin)
+    for c in ("preempted_s", "preempted_ttft_s", "kv_load_s", "kv_transfer_s"):
         df[c] = df[c].where(fin)
     return df
 
@@ -63,9 +65,9 @@ def _steps_section(stats: list) -> dict:
     return out
 
 
-def _request_parts(df: pd.DataFrame, metric: str, parts: tuple) -> dict:
+def _request_parts(df: pd.DataFrame, metric: str, parts: tuple, replica: str = "replica") -> dict:
     """Mean seconds of each part, and over the tail (requests at or above the metric's p99): the share of
-    the tail's latency each part holds and the replica holding most of the tail."""
+    the tail's latency each part holds and the replica (column `replica`) holding most of the tail."""
     fin = df[df["outcome"] == FINISHED]
     fin = fin[fin["replica"] >= 0]               # answers from the response cache have no phases
     if fin.empty:
@@ -75,7 +77,7 @@ def _request_parts(df: pd.DataFrame, metric: str, parts: tuple) -> dict:
     tail = fin[fin[metric] >= p99]
     total = float(tail[metric].sum())
     shares = {PART_NAMES[p]: (float(tail[p].sum()) / total if total > 0 else 0.0) for p in parts}
-    counts = tail["replica"].value_counts()
+    counts = tail[replica].value_counts()
     out["p99_ms"] = p99 * 1000
     out["p99_tail"] = {"requests": int(len(tail)), "share": shares,
                        "top_replica": int(counts.index[0]), "top_replica_share": float(counts.iloc[0] / len(tail))}
@@ -89,6 +91,7 @@ def attribution_report(result, df: pd.DataFrame) -> dict:
         "steps": _steps_section(stats),
         "replicas": [{"index": i, "max_num_seqs": e.max_num_seqs, "max_num_batched_tokens": e.max_num_batched_tokens,
                       **_steps_section([s])} for i, (s, e) in enumerate(zip(stats, engines))],
-        "requests": {"ttft": _request_parts(df, "ttft_s", TTFT_PARTS),
+        "requests": {"ttft": _request_parts(df.assign(first_replica=df["prefill_replica"].where(
+                         df["prefill_replica"] >= 0, df["replica"])), "ttft_s", TTFT_PARTS, "first_replica"),
                      "e2e": _request_parts(df, "e2e_s", E2E_PARTS)},
     }

@@ -24,6 +24,7 @@ class Cluster:
         self.routable = replicas         # what routers choose from: all, or the active ones (sim/autoscaler.py)
         self.autoscaler = None
         self.arrivals_done = False       # no request will arrive any more
+        self.decode_pool = None          # disaggregation: the decode replicas, their router and the KV link
         self.counts_only = not (getattr(router, "reads_kv_state", True) or getattr(admission, "reads_kv_state", True))
         self.max_request_tokens = max(r.max_request_tokens for r in replicas)
         for r in replicas:
@@ -38,6 +39,8 @@ class Cluster:
         with closed-loop clients any completion may bring one, so the next event of any kind."""
         if self.counts_only:
             return math.inf
+        if self.decode_pool is not None:  # handoffs reach decode replicas between arrivals
+            return self.env.peek()
         return self._next_arrival if self._next_arrival is not None else self.env.peek()
 
     def submit(self, req: Request) -> None:
@@ -61,6 +64,44 @@ class Cluster:
         if reason:
             return self._reject(req, reason, now)
         rep.add(req)
+
+    def disaggregate(self, prefill: list, decode: list, decode_router, link) -> None:
+        """Route arrivals to the prefill replicas; hand each request with its first token to a decode replica."""
+        self.routable, self.decode_pool, self.decode_router, self.link = prefill, decode, decode_router, link
+        self.max_request_tokens = min(max(r.max_request_tokens for r in prefill),
+                                      max(r.max_request_tokens for r in decode))
+        for r in prefill:
+            r.prefill_only = True
+            r.on_handoff = self.handoff
+        self.transfers = 0
+        self.transfer_bytes = 0.0
+
+    def transfer_s(self, req, src) -> tuple[float, float]:
+        """(seconds, bytes per GPU) to send req's prompt KV from replica src: latency + bytes / bandwidth; layer-wise,
+        the layers sent while the prompt was computed are off the critical path, and at least the last layer's
+        share is left."""
+        nbytes = src.kv_bytes_per_token * req.prompt_tokens
+        t = nbytes / (self.link.bandwidth_gbps * 1e9)
+        if self.link.layerwise:
+            t = max(t / src.num_layers, t - (self.env.now - req.first_scheduled))
+        return self.link.latency_us * 1e-6 + t, nbytes
+
+    def handoff(self, req, now: float) -> None:
+        src = self.replicas[req.replica]
+        pool = self.decode_pool
+        j = self.decode_router.route(req, pool, now)
+        dst = pool[j] if pool[j].fits(req) is None else next(r for r in pool if r.fits(req) is None)
+        t, nbytes = self.transfer_s(req, src)
+        self.transfers += 1
+        self.transfer_bytes += nbytes
+
+        def arrive(_ev):
+            src.sent(req)
+            req.prefill_replica, req.kv_transfer_s = src.index, t
+            req.swapped_tokens, req.num_computed, req.transferred = req.num_computed, 0, True
+            req.handoff = False
+            dst.add(req)
+        at(self.env, t, ARRIVE).callbacks.append(arrive)
 
     def set_routable(self, replicas: list) -> None:
         self.routable = replicas

@@ -91,6 +91,9 @@ class ReplicaGroup(Strict):
     kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp8", "fp32"] = "auto"
     engine: EngineConfig = EngineConfig()
     perf_model: PerfModel = RooflinePerf()
+    role: Literal["mixed", "prefill", "decode"] = Field(
+        "mixed", description="prefill/decode disaggregation: prefill replicas compute prompts and first tokens, "
+                             "decode replicas the rest (see `disaggregation`)")
 
 
 class Fleet(Strict):
@@ -393,6 +396,15 @@ class ColdStart(Strict):
                                                                  "graphs, warm-up")
 
 
+class Disaggregation(Strict):
+    """The link that carries KV caches from prefill to decode replicas (per GPU: each GPU sends its shard)."""
+    bandwidth_gbps: PositiveFloat = Field(description="GB/s per GPU: NVLink 4 ~450 one way, InfiniBand NDR "
+                                                      "400 Gb/s = 50, PCIe 5.0 x16 ~50")
+    latency_us: NonNegativeFloat = Field(10.0, description="fixed cost of a transfer")
+    layerwise: bool = Field(False, description="layer-by-layer transfer overlapping the prefill: only the last "
+                                               "layer's share is left when the prompt is done")
+
+
 class Autoscaling(Strict):
     """Scale one replica group between min_replicas and its count. Every interval_s the metric of the active
     replicas is compared with the target: concurrency (outstanding requests per replica, as Knative's KPA),
@@ -421,6 +433,25 @@ class Config(Strict):
     output: Output = Output()
     sim: SimOptions = SimOptions()
     autoscaling: Optional[Autoscaling] = None
+    disaggregation: Optional[Disaggregation] = None
+
+    @model_validator(mode="after")
+    def _disaggregation(self):
+        roles = [g.role for g in self.fleet.replicas]
+        split = any(r != "mixed" for r in roles)
+        if split and ("mixed" in roles or "prefill" not in roles or "decode" not in roles):
+            raise ValueError(f"fleet.replicas[].role: a disaggregated fleet needs prefill and decode groups and no "
+                             f"mixed ones (got {roles})")
+        if split and self.disaggregation is None:
+            raise ValueError("disaggregation: prefill and decode roles need the KV link (bandwidth_gbps, latency_us)")
+        if not split and self.disaggregation is not None:
+            raise ValueError("disaggregation: set fleet.replicas[].role to prefill and decode for some groups")
+        if split and self.policies.routing.name in ("tenant_pools", "canary"):
+            raise ValueError(f"disaggregation: policies.routing {self.policies.routing.name} names fixed replicas; "
+                             "use a router that picks within each pool")
+        if split and self.autoscaling is not None:
+            raise ValueError("autoscaling: not yet supported with prefill/decode disaggregation")
+        return self
 
     @model_validator(mode="after")
     def _autoscaling(self):

@@ -146,7 +146,7 @@ def plot(rep: dict, path: Path) -> Path:
         bars.append(a["p99_tail"]["share"])
         labels.append(f"{name} p99 tail\n{a['p99_ms']:,.0f} ms")
     phases = sorted({k for b in bars for k in b}, key=["queueing", "prefill", "decode", "preemption",
-                                                        "KV offload loads"].index)
+                                                        "KV offload loads", "KV transfer"].index)
     bottom = np.zeros(len(bars))
     for ph in phases:
         v = np.array([100 * b.get(ph, 0.0) for b in bars])

@@ -53,6 +53,9 @@ class Replica:
         self.fast_decode = (fast_decode and pp == 1 and not self._ids and hasattr(scheduler, "steady_decode")
                             and hasattr(model, "decode_steps"))
         self.on_done = None                 # cluster callback(req, now)
+        self.on_handoff = None              # cluster callback(req, now): a prefill replica's request has its first token
+        self.sending: list = []             # requests whose KV is being sent to a decode replica (blocks held)
+        self.prefill_only = False
         self.capacity = 1.0                 # decode tokens/s at a reference batch (run.decode_capacity): routers
         self.usd_per_hour = 0.0             # what the replica's GPUs cost per hour
         self.group = ""                     # its replica group's name (fleet.replicas[].name)
@@ -128,7 +131,11 @@ class Replica:
         self.waiting.appendleft(req)
 
     def swap_in(self, req) -> None:
-        """A swapped-out request is readmitted with its blocks allocated: copy its KV back, in this step."""
+        """A swapped-out request is readmitted with its blocks allocated: copy its KV back, in this step. (A
+        request whose KV came from a prefill replica has it already: nothing to copy.)"""
+        if req.transferred:
+            req.transferred, req.swapped_tokens = False, 0
+            return
         n = -(-req.swapped_tokens // self.pool.block_size)
         self.swap_used -= n
         req.load_s += n * self.swap[1]
@@ -229,6 +236,14 @@ class Replica:
             return "kv_blocks"
         return "policy"
 
+    def sent(self, req) -> None:
+        """req's KV has reached its decode replica: release the blocks it held here."""
+        self.pool.now = self.env.now
+        self.pool.free(req)
+        if self._release:
+            self._release(req.id)
+        self.sending.remove(req)
+
     def _sleep(self, until: float | None = None):
         """Until add() or a landing micro-batch wakes the replica, or (given) the SCHEDULE phase of `until`."""
         wakeup = self._wakeup = self.env.event()
@@ -256,7 +271,7 @@ class Replica:
         self._complete(batch, self.env.now)
         self.flying.remove(batch)
         self.num_flying -= len(batch)
-        self.running.extend(req for req, _ in batch if req.outcome != FINISHED)
+        self.running.extend(req for req, _ in batch if req.outcome != FINISHED and not req.handoff)
         self._wake()
 
     def _complete(self, batch, now: float) -> None:
@@ -282,6 +297,11 @@ class Replica:
                 sampled += 1
                 if req.num_output == 1:
                     req.first_token = now
+                    if self.prefill_only and req.output_tokens > 1:
+                        req.handoff = True           # its KV goes to a decode replica (cluster.handoff)
+                        req.last_token = now
+                        finished.append(req)
+                        continue
                 else:
                     gaps.append(now - req.last_token)
                 req.last_token = now
@@ -294,14 +314,18 @@ class Replica:
                     finished.append(req)
         itl.add_list(gaps)
         if finished:
-            self.running = [r for r in self.running if r.outcome != FINISHED]
+            self.running = [r for r in self.running if r.outcome != FINISHED and not r.handoff]
             self.outstanding -= len(finished)
             for req in finished:
-                self.on_done(req, now)
+                if req.handoff:
+                    self.sending.append(req)
+                    self.on_handoff(req, now)
+                else:
+                    self.on_done(req, now)
         self.metrics.on_tokens(now, sampled, self.index)
         if self.check_invariants:
-            live = self.running + [req for b in self.flying for req, _ in b if req.outcome != FINISHED]
-            pool.check(live=live)
+            live = self.running + [req for b in self.flying for req, _ in b if req.outcome != FINISHED and not req.handoff]
+            pool.check(live=live + self.sending)
             for r in live:
                 assert len(r.blocks) >= math.ceil(r.num_computed / pool.block_size), r
             for r in self.waiting:

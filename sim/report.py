@@ -24,7 +24,8 @@ COLUMNS = (("id", "id"), ("arrival_s", "arrival"), ("prompt_tokens", "prompt_tok
            ("first_token_s", "first_token"), ("finish_s", "finish"), ("cached_prompt_tokens", "num_cached_tokens"),
            ("loaded_prompt_tokens", "num_loaded_tokens"),
            ("preemptions", "preemptions"), ("outcome", "outcome"), ("reason", "reason"),
-           ("preempted_s", "preempted_s"), ("preempted_ttft_s", "preempted_ttft_s"), ("kv_load_s", "kv_load_s"))
+           ("preempted_s", "preempted_s"), ("preempted_ttft_s", "preempted_ttft_s"), ("kv_load_s", "kv_load_s"),
+           ("prefill_replica", "prefill_replica"), ("kv_transfer_s", "kv_transfer_s"))
 
 
 def request_table(result) -> pd.DataFrame:
@@ -126,6 +127,13 @@ def _groups(result, df: pd.DataFrame, met: pd.Series, duration: float) -> dict:
     return {g: _tenant(df[grp == g], met[grp == g], duration) for g in dict.fromkeys(name.values())}
 
 
+def _disaggregation(df: pd.DataFrame, result) -> dict:
+    """KV transfers from prefill to decode replicas: the link, how many, how long each took."""
+    moved = df[df["prefill_replica"] >= 0]
+    return {"link": result.config.disaggregation.model_dump(), "transfers": int(len(moved)),
+            "transfer_ms": _stats_ms(moved["kv_transfer_s"])}
+
+
 def _cost_by_group(result, df: pd.DataFrame, m, duration: float) -> dict:
     """Per replica group (pool): its GPUs, what they cost over the run, what they served and at what price per
     token. The groups' usd sum to the run's."""
@@ -208,6 +216,7 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
                  "by_group": _cost_by_group(result, df, m, duration)},
         "groups": _groups(result, df, met_by_request, duration),
         **({"autoscaling": result.autoscaling} if result.autoscaling is not None else {}),
+        **({"disaggregation": _disaggregation(df, result)} if result.config.disaggregation is not None else {}),
         "utilization": {
             "mfu": flops / (sum(r.peak_flops for r in result.replicas) * duration),
             "mbu": nbytes / (sum(r.peak_bw for r in result.replicas) * duration),

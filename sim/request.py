@@ -19,6 +19,8 @@ class Request:
         "num_loaded_tokens", "load_s", "swapped_tokens",
         # latency attribution (sim/attribution.py): a preemption's cost runs from it until the KV is back
         "lost", "preempted_at", "preempted_s", "preempted_ttft_s", "kv_load_s",
+        # prefill/decode disaggregation: leaves its prefill replica after the first token, KV sent to a decode one
+        "handoff", "transferred", "prefill_replica", "kv_transfer_s",
         # record
         "replica", "first_scheduled", "first_token", "finish", "last_token", "outcome", "reason", "on_finish",
     )
@@ -48,6 +50,10 @@ class Request:
         self.preempted_s = 0.0                    # seconds from preemptions until the KV was back
         self.preempted_ttft_s = 0.0               # ... of them before the first token
         self.kv_load_s = 0.0                      # seconds its own prefix KV loads from offload tiers took
+        self.handoff = False
+        self.transferred = False                  # its KV arrived from a prefill replica: admitted without compute
+        self.prefill_replica = -1
+        self.kv_transfer_s = 0.0
         self.replica = -1
         self.first_scheduled = math.nan
         self.first_token = math.nan

@@ -82,7 +82,9 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
           until: float = math.inf, route_override: tuple[int, int] | None = None):
     """The cluster, replicas, their infos and the workload of a config. until: stop time (the earlier of it and
     sim.max_sim_time_s); route_override: (decision index, replica) forced (routing regret, sim/decisions.py)."""
-    wl_rng, route_rng, policy_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(3))
+    # spawn(4)[:3] are spawn(3)'s children: the fourth stream (the decode router's) leaves the others alone
+    wl_rng, route_rng, policy_rng, decode_rng = (np.random.default_rng(s)
+                                                 for s in np.random.SeedSequence(cfg.seed).spawn(4))
     batching_cls = registry.BATCHING[cfg.policies.batching.name][0]
     batching_params = cfg.policies.batching.model_dump(exclude={"name"})
 
@@ -159,6 +161,7 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
             rep.capacity = decode_capacity(roofline() if pm.name == "measured" else step_model, e.max_num_seqs)
             rep.usd_per_hour = n_gpus * price
             rep.group = name
+            rep.kv_bytes_per_token, rep.num_layers = plan.kv_bytes_per_token, model.num_layers
             group_of.append(gi)
             infos.append(ReplicaInfo(i, name, gpu.name, model.name, tp, pp, n_gpus, price,
                                      n_gpus * gpu.peak_flops(g.dtype), n_gpus * gpu.mem_bw, blocks, e.block_size,
@@ -180,6 +183,11 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
     rc = pol.response_cache
     cluster = Cluster(env, replicas, router, admission, metrics,
                       ResponseCache(rc.capacity) if rc.enabled else None)
+    if cfg.disaggregation is not None:
+        role = [cfg.fleet.replicas[g].role for g in group_of]
+        decode_router = registry.ROUTING[pol.routing.name][0](decode_rng, **pol.routing.model_dump(exclude={"name"}))
+        cluster.disaggregate([r for r, x in zip(replicas, role) if x == "prefill"],
+                             [r for r, x in zip(replicas, role) if x == "decode"], decode_router, cfg.disaggregation)
     a = cfg.autoscaling
     if a is not None:
         from .autoscaler import Autoscaler
