@@ -24,6 +24,7 @@ class Cluster:
         self.routable = replicas         # what routers choose from: all, or the active ones (sim/autoscaler.py)
         self.autoscaler = None
         self.arrivals_done = False       # no request will arrive any more
+        self.session_logs = None         # agentic sessions: one SessionLog each (traces/sessions.py)
         self.decode_pool = None          # disaggregation: the decode replicas, their router and the KV link
         self.counts_only = not (getattr(router, "reads_kv_state", True) or getattr(admission, "reads_kv_state", True))
         self.max_request_tokens = max(r.max_request_tokens for r in replicas)
@@ -150,6 +151,62 @@ class Cluster:
             self.submit(self._make(w, i, env.now))
         self._next_arrival = float("inf")
         self.arrivals_done = True
+
+    def sessions(self, w):
+        """Agentic sessions (traces/sessions.py): each starts at its time and sends its turns one after another."""
+        from servesim.traces.sessions import SessionLog, Turn
+        env = self.env
+        self.session_logs = []
+        ids = iter(range(1 << 62))
+        live = {"n": len(w.conversations)}
+
+        held = {}                                # conversation -> (pool, key) of its last turn's pinned KV
+
+        def release(pin):
+            if pin is not None:
+                pin[0].now = env.now             # the blocks' LRU time is when they were let go
+                pin[0].unpin(pin[1])
+
+        def converse(conv, log, first):
+            conv_key = id(conv)
+            for item_no, item in enumerate(conv.items):
+                if isinstance(item, Turn):
+                    if not first and item.think_s and w.think_time_s:
+                        think = item.think_s * w.think_time_s
+                        log.think_s += think
+                        yield env.timeout(think)
+                    first = False
+                    done = env.event()
+                    req = Request(next(ids), env.now, item.prompt, item.output, tenant=w.tenant,
+                                  slo_class=w.slo_class, session=log.session, prefix_ids=item.ids,
+                                  prefix_block_size=w.prefix_block_size)
+                    req.on_finish = lambda r, ev=done: ev.succeed()
+                    if w.retention == "keep":         # what the last turn kept is found again by its hashes
+                        release(held.pop(conv_key, None))
+                        req.retain_key = (log.session, conv_key, item_no)
+                    log.requests.append(req)
+                    self.submit(req)
+                    yield done
+                    if w.retention == "keep" and req.outcome == FINISHED and req.replica >= 0:
+                        held[conv_key] = (self.replicas[req.replica].pool, req.retain_key)
+                else:                            # sub-agents: together, the parent waits for all of them
+                    yield env.all_of([env.process(converse(c, log, True)) for c in item])
+                    first = False
+            release(held.pop(conv_key, None))    # the conversation is over: nothing more to keep
+
+        def session(k, conv):
+            log = SessionLog(k, conv.name, env.now)
+            self.session_logs.append(log)
+            yield from converse(conv, log, True)
+            log.end = env.now
+
+            live["n"] -= 1
+            self.arrivals_done = live["n"] == 0
+
+        for k, (t, conv) in enumerate(zip(w.session_starts.tolist(), w.conversations)):
+            if t > env.now:
+                yield at(env, t - env.now, ARRIVE)
+            env.process(session(k, conv))
 
     def closed_loop(self, w):
         """N clients; each sends its next request think_time_s after the previous one ends."""

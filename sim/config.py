@@ -241,7 +241,31 @@ class MixWorkload(Strict):
         return self
 
 
-Workload = Annotated[Union[TraceWorkload, SyntheticWorkload, MixWorkload], Field(discriminator="kind")]
+class SessionsWorkload(Strict):
+    """Agentic sessions replayed closed-loop from kv-cache-tester conversations (traces/sessions.py): sessions
+    start by the arrival process; each next turn is sent its think time after the previous response."""
+    kind: Literal["sessions"]
+    path: str = Field(description="a kv-cache-tester conversation file or folder (bundled:kv_cache_tester_sample)")
+    arrival: Arrival = Field(description="when sessions start (an open-loop process)")
+    num_sessions: Optional[PositiveInt] = Field(None, description="the first n conversations (default: all)")
+    think_time_scale: NonNegativeFloat = Field(1.0, description="0 sends each turn as soon as the last one ends")
+    retention: Literal["evict", "keep", "offload"] = Field(
+        "evict", description="KV between turns: evict (freed, cached until evicted), keep (held on its replica "
+                             "until the session's next turn arrives; needs prefix caching), offload (evicted blocks go to the "
+                             "engine.kv_offload tiers, which every replica must have)")
+    tenant: str = "default"
+    slo_class: str = "default"
+
+    @model_validator(mode="after")
+    def _open(self):
+        if self.arrival.process == "closed_loop":
+            raise ValueError("arrival: sessions start by an open-loop process (poisson, constant, ...); each "
+                             "session is itself a closed loop")
+        return self
+
+
+Workload = Annotated[Union[TraceWorkload, SyntheticWorkload, MixWorkload, SessionsWorkload],
+                     Field(discriminator="kind")]
 
 
 # --- policies, SLOs, cost, output ------------------------------------------------------------
@@ -454,6 +478,20 @@ class Config(Strict):
         return self
 
     @model_validator(mode="after")
+    def _retention(self):
+        w = self.workload
+        if w.kind != "sessions":
+            return self
+        for i, g in enumerate(self.fleet.replicas):
+            if w.retention == "keep" and not g.engine.enable_prefix_caching:
+                raise ValueError(f"workload.retention keep: fleet.replicas[{i}].engine.enable_prefix_caching must be "
+                                 "true (kept blocks are found again by their prefix hashes)")
+            if w.retention == "offload" and not g.engine.kv_offload:
+                raise ValueError(f"workload.retention offload: fleet.replicas[{i}].engine.kv_offload has no tiers "
+                                 "to offload to")
+        return self
+
+    @model_validator(mode="after")
     def _autoscaling(self):
         a = self.autoscaling
         if a is None:
@@ -491,7 +529,7 @@ _TAGS = {"trace", "synthetic", "mix", "poisson", "gamma", "constant", "all_at_on
          "continuous", "static", "dynamic", "sarathi", "orca", "prefill_first", "edf", "priority", "sjf", "fair",
          "round_robin", "random", "least_outstanding", "least_kv", "power_of_two", "prefix_aware", "session_affinity",
          "tenant_pools", "capacity_weighted", "cheapest_first", "canary", "diurnal", "concurrency",
-         "queue", "slo_attainment"}
+         "queue", "slo_attainment", "sessions", "evict", "keep", "offload"}
 
 
 def _path(loc) -> str:

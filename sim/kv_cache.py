@@ -36,6 +36,7 @@ class BlockPool:
         self.num_cached_free = 0
         self.num_used = 0
         self.evictions = 0
+        self.pins: dict = {}                 # key -> blocks held for a session between its turns (insertion order)
         self.evicted_at: dict = {}           # hash -> when its block was last evicted
         self.on_evict = None                 # callback(pool, hash, key) when decisions are traced
         self.refetched = 0                   # blocks computed or loaded again within REFETCH_WINDOW_S of eviction
@@ -146,17 +147,36 @@ class BlockPool:
         for _ in range(need):
             req.blocks.append(self._take(self._pop_free()))
 
+    def pin(self, key, req: Request) -> None:
+        """Hold req's blocks (one more reference each) after it finishes, under key, until unpin(key): an agentic
+        session keeps its KV between turns (retention: keep)."""
+        for b in req.blocks:
+            self.ref[b] += 1
+        self.pins[key] = list(req.blocks)
+
+    def unpin(self, key) -> None:
+        blocks = self.pins.pop(key, None)
+        if blocks is not None:
+            self._release(blocks)
+
+    def unpin_oldest(self) -> None:
+        """Memory is short and nothing can run: the longest-held pin gives way."""
+        self.unpin(next(iter(self.pins)))
+
     def free(self, req: Request) -> None:
         """Release req's blocks; the tail first, so an LRU evicts a prefix's tail before its head."""
+        self._release(req.blocks)
+        req.blocks = []
+
+    def _release(self, blocks: list) -> None:
         ref, now = self.ref, self.now
         if not self.caching:                  # no sharing: each block is referenced once, none is hashed
-            for b in req.blocks:
+            for b in blocks:
                 ref[b] = 0
-            self.free_plain.extend(reversed(req.blocks))
-            self.num_used -= len(req.blocks)
-            req.blocks = []
+            self.free_plain.extend(reversed(blocks))
+            self.num_used -= len(blocks)
             return
-        for b in reversed(req.blocks):
+        for b in reversed(blocks):
             ref[b] -= 1
             if ref[b] == 0:
                 self.num_used -= 1
@@ -168,7 +188,6 @@ class BlockPool:
                     self._stamp[b] = self._seq
                     heapq.heappush(self._heap, (self.eviction.key(self, b), self._seq, b))
                     self.num_cached_free += 1
-        req.blocks = []
 
     def _take(self, b: int) -> int:
         if self.ref[b] == 0:
@@ -228,5 +247,8 @@ class BlockPool:
             counted = [0] * self.num_blocks
             for r in live:
                 for b in r.blocks:
+                    counted[b] += 1
+            for blocks in self.pins.values():
+                for b in blocks:
                     counted[b] += 1
             assert counted == ref, "reference counts differ from the blocks requests hold"

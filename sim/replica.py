@@ -159,6 +159,9 @@ class Replica:
             batch = self.scheduler.schedule(self, now)
             preempted = stats.preemptions != preempted
             if not batch:
+                if pool.pins and not self.running and not self.num_flying:
+                    pool.unpin_oldest()          # KV held for idle sessions gives way to waiting requests
+                    continue
                 if self.num_flying:              # everything schedulable is in the pipeline
                     yield from self._sleep()
                     continue
@@ -308,6 +311,8 @@ class Replica:
                 if req.num_output == req.output_tokens:
                     req.finish = now
                     req.outcome = FINISHED
+                    if req.retain_key is not None:       # its session keeps the KV for its next turn
+                        pool.pin(req.retain_key, req)
                     pool.free(req)
                     if self._release:
                         self._release(req.id)

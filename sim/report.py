@@ -127,6 +127,39 @@ def _groups(result, df: pd.DataFrame, met: pd.Series, duration: float) -> dict:
     return {g: _tenant(df[grp == g], met[grp == g], duration) for g in dict.fromkeys(name.values())}
 
 
+def session_table(result) -> pd.DataFrame:
+    """One row per agentic session: when it ran, its requests and tokens, time thinking and waiting on the
+    server (duration - think), prompt tokens served from the prefix cache."""
+    rows = []
+    for log in result.session_logs:
+        reqs = log.requests
+        done = log.end == log.end
+        rows.append({"session": log.session, "name": log.name, "start_s": log.start,
+                     "end_s": log.end if done else math.nan,
+                     "duration_s": log.end - log.start if done else math.nan,
+                     "think_s": log.think_s, "waiting_on_server_s": log.end - log.start - log.think_s if done else math.nan,
+                     "requests": len(reqs), "finished": sum(r.outcome == FINISHED for r in reqs),
+                     "prompt_tokens": sum(r.prompt_tokens for r in reqs),
+                     "output_tokens": sum(r.num_output for r in reqs),
+                     "cached_prompt_tokens": sum(r.num_cached_tokens for r in reqs)})
+    return pd.DataFrame(rows)
+
+
+def _sessions(st: pd.DataFrame) -> dict:
+    done = st[st["end_s"].notna()]
+    q = lambda col: ({f"p{p}": float(v) for p, v in zip(PCTS, np.percentile(done[col], PCTS))}  # noqa: E731
+                     if len(done) else {})
+    return {"sessions": int(len(st)), "completed": int(len(done)),
+            "duration_s": {"mean": float(done["duration_s"].mean()) if len(done) else None, **q("duration_s")},
+            "waiting_on_server_s": {"mean": float(done["waiting_on_server_s"].mean()) if len(done) else None,
+                                    **q("waiting_on_server_s")},
+            "waiting_share": float(done["waiting_on_server_s"].sum() / done["duration_s"].sum())
+            if len(done) and done["duration_s"].sum() > 0 else None,
+            "requests_per_session": float(st["requests"].mean()),
+            "tokens_per_session": float((st["prompt_tokens"] + st["output_tokens"]).mean()),
+            "prefix_cache_hit_rate": float(st["cached_prompt_tokens"].sum() / max(st["prompt_tokens"].sum(), 1))}
+
+
 def _disaggregation(df: pd.DataFrame, result) -> dict:
     """KV transfers from prefill to decode replicas: the link, how many, how long each took."""
     moved = df[df["prefill_replica"] >= 0]
@@ -217,6 +250,7 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
         "groups": _groups(result, df, met_by_request, duration),
         **({"autoscaling": result.autoscaling} if result.autoscaling is not None else {}),
         **({"disaggregation": _disaggregation(df, result)} if result.config.disaggregation is not None else {}),
+        **({"sessions": _sessions(session_table(result))} if result.session_logs is not None else {}),
         "utilization": {
             "mfu": flops / (sum(r.peak_flops for r in result.replicas) * duration),
             "mbu": nbytes / (sum(r.peak_bw for r in result.replicas) * duration),
@@ -324,6 +358,8 @@ def write_outputs(result, out_dir: Path, plots: bool = True) -> dict:
     (out_dir / "metrics.prom").write_text(prometheus_text(ts, rates))
     if result.metrics.decisions is not None:
         result.metrics.decisions.write(out_dir / "decisions.jsonl.gz")
+    if result.session_logs is not None:
+        session_table(result).to_csv(out_dir / "sessions.csv", index=False)
     (out_dir / "report.json").write_text(json.dumps(rep, indent=2, allow_nan=False, default=_jsonable) + "\n")
     md = summary_markdown(rep)
     (out_dir / "summary.md").write_text(md)

@@ -21,6 +21,8 @@ class Request:
         "lost", "preempted_at", "preempted_s", "preempted_ttft_s", "kv_load_s",
         # prefill/decode disaggregation: leaves its prefill replica after the first token, KV sent to a decode one
         "handoff", "transferred", "prefill_replica", "kv_transfer_s",
+        # agentic sessions with retention keep: pin this turn's KV under this key when it finishes
+        "retain_key",
         # record
         "replica", "first_scheduled", "first_token", "finish", "last_token", "outcome", "reason", "on_finish",
     )
@@ -54,6 +56,7 @@ class Request:
         self.transferred = False                  # its KV arrived from a prefill replica: admitted without compute
         self.prefill_replica = -1
         self.kv_transfer_s = 0.0
+        self.retain_key = None
         self.replica = -1
         self.first_scheduled = math.nan
         self.first_token = math.nan

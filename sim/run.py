@@ -60,6 +60,7 @@ class RunResult:
     step_models: list = field(default_factory=list)   # per replica (the measured backend keeps a step log)
     regret: dict | None = None                         # routing regret, computed on request (sim/decisions.py)
     autoscaling: dict | None = None                    # the autoscaler's events and timeline (sim/autoscaler.py)
+    session_logs: list | None = None                   # agentic sessions (traces/sessions.py)
     paid_s: dict | None = None                         # scaled replicas: seconds paid (others: the whole run)
 
 
@@ -247,6 +248,9 @@ def simulate(cfg: Config, base_dir: Path | None = None, progress=None, measured_
     if workload.arrival is not None:
         env.process(cluster.open_loop(workload))
         total = len(workload)
+    elif workload.conversations is not None:
+        env.process(cluster.sessions(workload))
+        total = workload.max_requests
     else:
         cluster.closed_loop(workload)
         total = workload.max_requests
@@ -274,6 +278,7 @@ def simulate(cfg: Config, base_dir: Path | None = None, progress=None, measured_
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     res = RunResult(cfg, metrics, infos, dict(cluster.rejections), workload, sim_end, events,
                     time.perf_counter() - t0, rss, [r.pool for r in replicas], [r.model for r in replicas])
+    res.session_logs = cluster.session_logs
     if cluster.autoscaler is not None:
         res.autoscaling = cluster.autoscaler.report(sim_end)
         res.paid_s = dict(cluster.autoscaler.paid_s)

@@ -31,6 +31,9 @@ class Workload:
     max_requests: int | None = None     # closed loop: no more requests than this (None: until duration_s)
     description: str = ""
     sample_lengths: Callable | None = None   # closed loop: n -> (prompt, output), to draw more lengths
+    conversations: list | None = None   # agentic sessions (traces/sessions.py): one per session
+    session_starts: np.ndarray | None = None
+    retention: str = "evict"
 
     def __len__(self) -> int:
         return int(self.prompt.size)
@@ -74,6 +77,8 @@ def build_workload(cfg, rng: np.random.Generator, base_dir: Path | None = None) 
         return _mix(cfg, rng, base_dir)
     if cfg.kind == "trace":
         return _from_trace(cfg, rng, base_dir)
+    if cfg.kind == "sessions":
+        return _sessions(cfg, rng, base_dir)
     a = cfg.arrival
     if a.process == "closed_loop":
         # lengths for every request a client may send; a duration-bounded run draws more as needed
@@ -119,6 +124,22 @@ def _from_trace(cfg, rng, base_dir) -> Workload:
     return Workload(p, o, t, ids, tr.prefix_block_size, tenant=cfg.tenant, slo_class=cfg.slo_class,
                     sessions=tr.sessions[idx] if tr.sessions is not None else None,
                     description=f"trace {path.name}, {idx.size} requests")
+
+
+def _sessions(cfg, rng, base_dir) -> Workload:
+    from .sessions import load_conversations
+    path = resolve_path(cfg.path, base_dir)
+    convs = load_conversations(path)
+    n = cfg.num_sessions or len(convs)
+    if n > len(convs):
+        raise TraceError(f"{path}: num_sessions {n} but only {len(convs)} conversations")
+    convs = convs[:n]
+    starts = arrival_times(cfg.arrival, n, None, rng)
+    empty = np.zeros(0, dtype=np.int64)
+    turns = sum(c.turns() for c in convs)
+    return Workload(empty, empty, None, prefix_block_size=64, tenant=cfg.tenant, slo_class=cfg.slo_class,
+                    think_time_s=cfg.think_time_scale, max_requests=turns, conversations=convs,
+                    session_starts=starts, retention=cfg.retention, description=f"{n} agentic sessions from {path.name}, {turns} turns")
 
 
 def _mix(cfg, rng, base_dir) -> Workload:
