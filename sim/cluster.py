@@ -74,27 +74,23 @@ class Cluster:
         for r in prefill:
             r.prefill_only = True
             r.on_handoff = self.handoff
-        self.transfers = 0
-        self.transfer_bytes = 0.0
 
-    def transfer_s(self, req, src) -> tuple[float, float]:
-        """(seconds, bytes per GPU) to send req's prompt KV from replica src: latency + bytes / bandwidth; layer-wise,
+    def transfer_s(self, req, src) -> float:
+        """Seconds to send req's prompt KV from replica src: latency + bytes per GPU / bandwidth; layer-wise,
         the layers sent while the prompt was computed are off the critical path, and at least the last layer's
         share is left."""
         nbytes = src.kv_bytes_per_token * req.prompt_tokens
         t = nbytes / (self.link.bandwidth_gbps * 1e9)
         if self.link.layerwise:
             t = max(t / src.num_layers, t - (self.env.now - req.first_scheduled))
-        return self.link.latency_us * 1e-6 + t, nbytes
+        return self.link.latency_us * 1e-6 + t
 
     def handoff(self, req, now: float) -> None:
         src = self.replicas[req.replica]
         pool = self.decode_pool
         j = self.decode_router.route(req, pool, now)
         dst = pool[j] if pool[j].fits(req) is None else next(r for r in pool if r.fits(req) is None)
-        t, nbytes = self.transfer_s(req, src)
-        self.transfers += 1
-        self.transfer_bytes += nbytes
+        t = self.transfer_s(req, src)
 
         def arrive(_ev):
             src.sent(req)
