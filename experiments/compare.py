@@ -37,6 +37,20 @@ DEFAULT_THRESHOLDS = {"latency_ms.ttft.p99": 5.0, "latency_ms.tpot.p99": 5.0, "l
                       "throughput.*": 2.0, "slo.attainment": 2.0}
 
 
+def group_reports(reports: list[dict], group: str, where: str) -> list[dict]:
+    """The part of each report that one replica group served (a canary against the stable group), as a report
+    holding what compares across groups of different sizes: latency percentiles and SLO attainment."""
+    out = []
+    for rep in reports:
+        groups = rep.get("groups", {})
+        if group not in groups:
+            raise ConfigError(f"{where}: no replica group {group!r} in the report (groups: {', '.join(groups) or 'none'})")
+        g = groups[group]
+        out.append({"latency_ms": {"ttft": g["ttft_ms"], "tpot": g["tpot_ms"]},
+                    "slo": {"attainment": g["slo_attainment"]}})
+    return out
+
+
 def load_side(path: Path) -> list[dict]:
     p = Path(path)
     if p.is_file():

@@ -5,12 +5,12 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 from rich.console import Console
 
-from .errors import ServesimError
+from .errors import ConfigError, ServesimError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="servesim: discrete-event simulator of LLM serving clusters.")
@@ -276,15 +276,26 @@ def validate(config: Path = typer.Argument(..., help="YAML config whose replicas
 @app.command()
 @friendly
 def compare(baseline: Path = typer.Argument(..., help="report.json, a run folder, or a folder of run folders (seeds)"),
-            candidate: Path = typer.Argument(..., help="the same, for the candidate"),
+            candidate: Optional[Path] = typer.Argument(None, help="the same, for the candidate (omitted with --groups)"),
             thresholds: Optional[Path] = typer.Option(None, help="YAML: metric pattern -> allowed worsening in %"),
+            groups: Optional[Tuple[str, str]] = typer.Option(None, "--groups", help="compare two replica groups of "
+                                                              "the baseline run(s): BASE_GROUP CANDIDATE_GROUP (canary)"),
             as_json: Optional[Path] = typer.Option(None, "--json", help="also write the comparison as JSON")):
-    """Compare two runs metric by metric; exit 1 when a metric regresses beyond its threshold."""
+    """Compare two runs metric by metric, or a canary group with the stable one in the same run(s); exit 1
+    when a metric regresses beyond its threshold."""
     from dataclasses import asdict
 
-    from servesim.experiments.compare import compare as cmp, format_table, load_side, load_thresholds
+    from servesim.experiments.compare import compare as cmp, format_table, group_reports, load_side, load_thresholds
 
-    base, cand = load_side(baseline), load_side(candidate)
+    if groups:
+        if candidate is not None:
+            raise ConfigError("--groups compares two groups of one run: give the run (or seeds folder) only")
+        runs = load_side(baseline)
+        base, cand = group_reports(runs, groups[0], str(baseline)), group_reports(runs, groups[1], str(baseline))
+    elif candidate is None:
+        raise ConfigError("give a candidate run to compare with, or --groups BASE_GROUP CANDIDATE_GROUP")
+    else:
+        base, cand = load_side(baseline), load_side(candidate)
     rows = cmp(base, cand, load_thresholds(thresholds))
     print(format_table(rows, len(base), len(cand)))
     if as_json:

@@ -107,3 +107,30 @@ def test_canary_group_must_exist():
     from servesim.sim.run import simulate
     with pytest.raises(ConfigError, match="policies.routing.group: 'blue' must name some replicas"):
         simulate(parse_config(_canary_raw("blue")))
+
+
+def test_the_regression_gate_compares_canary_groups(tmp_path):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from servesim.sim.cli import app
+    raw = _canary_raw()
+    raw["workload"]["num_requests"] = 400
+    raw["workload"]["arrival"]["rate"] = 40.0
+    raw["fleet"]["replicas"][1]["gpu"] = "L40S"          # a canary on slower GPUs: its latency regresses
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert CliRunner().invoke(app, ["run", str(cfg), "-o", str(tmp_path / "run"), "-q"]).exit_code == 0
+    out = CliRunner().invoke(app, ["compare", str(tmp_path / "run"), "--groups", "stable", "canary",
+                                   "--json", str(tmp_path / "cmp.json")])
+    assert out.exit_code == 1, out.output
+    rows = {r["metric"]: r for r in json.loads((tmp_path / "cmp.json").read_text())}
+    assert rows["latency_ms.tpot.p99"]["status"] == "REGRESSED"
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert rows["latency_ms.tpot.p99"]["candidate"] == rep["groups"]["canary"]["tpot_ms"]["p99"]
+    assert set(rows) == {"latency_ms.ttft.p50", "latency_ms.ttft.p99", "latency_ms.tpot.p50", "latency_ms.tpot.p99",
+                         "slo.attainment"}
+    bad = CliRunner().invoke(app, ["compare", str(tmp_path / "run"), "--groups", "stable", "blue"])
+    assert bad.exit_code == 2 and "no replica group 'blue'" in bad.output
