@@ -37,7 +37,8 @@ class BlockPool:
         self.num_used = 0
         self.evictions = 0
         self.pins: dict = {}                 # key -> blocks held for a session between its turns (insertion order)
-        self.evicted_at: dict = {}           # hash -> when its block was last evicted
+        self.evicted_at: dict = {}           # hash -> when its block was evicted, within the last REFETCH_WINDOW_S
+        self._evictions: deque = deque()      # (time, hash) in eviction order: what leaves the window first
         self.on_evict = None                 # callback(pool, hash, key) when decisions are traced
         self.refetched = 0                   # blocks computed or loaded again within REFETCH_WINDOW_S of eviction
         self.last_evicted_key = None         # the eviction key of the last block evicted (aging policies read it)
@@ -212,12 +213,22 @@ class BlockPool:
         if self.offload is not None:
             self.offload.put(self.hash[b])
         del self.by_hash[self.hash[b]]
-        self.evicted_at[self.hash[b]] = self.now
+        self._evicted(self.hash[b])
         if self.on_evict is not None:
             self.on_evict(self, self.hash[b], key)
         self.hash[b] = None
         self.evictions += 1
         return b
+
+    def _evicted(self, h) -> None:
+        """Remember h's eviction for REFETCH_WINDOW_S (older ones can no longer count as thrashing)."""
+        now, order, at = self.now, self._evictions, self.evicted_at
+        at[h] = now
+        order.append((now, h))
+        while order[0][0] < now - REFETCH_WINDOW_S:
+            t, old = order.popleft()
+            if at.get(old) == t:             # not evicted again since
+                del at[old]
 
     def _refetch(self, h) -> None:
         """A block holds hash h again: count it when h was evicted shortly before (KV thrashing)."""
