@@ -171,41 +171,18 @@ def _check_sorted(t: np.ndarray, path: Path, first_line: int) -> None:
 
 
 def load_kv_cache_tester(path: Path, conversation_interval_s: float = 60.0) -> Trace:
-    """Every conversation file of the folder (sorted by name), sub-agent requests included (at their marker's
-    time plus their own t). Block ids become conversation-scoped (conversation x 2**32 + id), as the upstream
-    ids are local to a conversation; the session of each request is its conversation's index."""
-    files = sorted(p for p in path.iterdir() if p.name.endswith((".json", ".json.gz"))) if path.is_dir() else [path]
-    if not files:
-        raise TraceError(f"{path}: no trace_*.json(.gz) conversation files in this folder")
-    rows = []                               # (t, conversation, in, out, ids)
-    for c, f in enumerate(files):
-        opener = gzip.open if f.name.endswith(".gz") else open
-        try:
-            with opener(f, "rt", encoding="utf-8") as fh:
-                doc = json.load(fh)
-            bs = doc["block_size"]
-            if bs != 64:
-                raise TraceError(f"{f}: block_size {bs}; every kv-cache-tester trace so far has 64-token blocks")
-            start = c * conversation_interval_s
-
-            def walk(reqs, t0, where):
-                for k, r in enumerate(reqs):
-                    if r.get("type") == "subagent":
-                        walk(r.get("requests", []), t0 + r["t"], f"{where}[{k}].requests")
-                        continue
-                    n, o, ids = r["in"], r["out"], r["hash_ids"]
-                    if not (isinstance(n, int) and n >= 1 and isinstance(o, int) and o >= 1 and len(ids) == n // bs):
-                        raise TraceError(f"{f}: {where}[{k}]: expected in >= 1, out >= 1 and in // {bs} hash_ids "
-                                         f"(got in={n!r}, out={o!r}, {len(ids)} ids)")
-                    rows.append((t0 + float(r["t"]), c, n, o, [c * 2**32 + h for h in ids]))
-            walk(doc["requests"], start, "requests")
-        except (json.JSONDecodeError, KeyError, TypeError, OSError, EOFError, UnicodeDecodeError) as e:
-            raise TraceError(f"{f}: not a kv-cache-tester conversation ({type(e).__name__}: {e})") from None
-    order = sorted(range(len(rows)), key=lambda i: (rows[i][0], i))
-    rows = [rows[i] for i in order]
+    """Every conversation file of the folder (sorted by name) at its recorded times, sub-agent requests included
+    (at their marker's time plus their own t); conversation c starts at c x conversation_interval_s. Block ids are
+    conversation-scoped (conversation x 2**32 + id), as the upstream ids are local to a conversation; the
+    session of each request is its conversation's index. Parsing and checks: traces/sessions.py."""
+    from .sessions import load_conversations, recorded_requests
+    rows = [(t, c, turn) for c, conv in enumerate(load_conversations(path))
+            for t, turn in recorded_requests(conv, c * conversation_interval_s)]
+    rows.sort(key=lambda r: r[0])                  # stable: ties keep file and walk order
     t = np.array([r[0] for r in rows])
-    return Trace(np.array([r[2] for r in rows], dtype=np.int64), np.array([r[3] for r in rows], dtype=np.int64),
-                 t - t[0], [r[4] for r in rows], 64, source=str(path), sessions=np.array([r[1] for r in rows]))
+    return Trace(np.array([r[2].prompt for r in rows], dtype=np.int64),
+                 np.array([r[2].output for r in rows], dtype=np.int64),
+                 t - t[0], [r[2].ids for r in rows], 64, source=str(path), sessions=np.array([r[1] for r in rows]))
 
 
 def load_trace(path: Path, fmt: str | None = None, conversation_interval_s: float = 60.0) -> Trace:
