@@ -154,8 +154,7 @@ class Cluster:
         env = self.env
         self.session_logs = []
         ids = iter(range(1 << 62))
-        live = {"n": len(w.conversations)}
-
+        live = {"n": len(w.conversations)}         # sessions not yet over
         held = {}                                # conversation -> (pool, key) of its last turn's pinned KV
 
         def release(pin):
@@ -195,7 +194,6 @@ class Cluster:
             self.session_logs.append(log)
             yield from converse(conv, log, True)
             log.end = env.now
-
             live["n"] -= 1
             self.arrivals_done = live["n"] == 0
 
@@ -207,10 +205,8 @@ class Cluster:
     def closed_loop(self, w):
         """N clients; each sends its next request think_time_s after the previous one ends."""
         env = self.env
-        state = {"next": 0}
+        state = {"next": 0, "clients": w.concurrency}
         limit = w.max_requests
-
-        state["clients"] = w.concurrency
 
         def client():
             while True:

@@ -420,6 +420,9 @@ class ColdStart(Strict):
                                                                  "graphs, warm-up")
 
 
+FIXED_REPLICA_ROUTERS = ("tenant_pools", "canary")   # name replicas by index: not for pools that change or split
+
+
 class Disaggregation(Strict):
     """The link that carries KV caches from prefill to decode replicas (per GPU: each GPU sends its shard)."""
     bandwidth_gbps: PositiveFloat = Field(description="GB/s per GPU: NVLink 4 ~450 one way, InfiniBand NDR "
@@ -470,7 +473,7 @@ class Config(Strict):
             raise ValueError("disaggregation: prefill and decode roles need the KV link (bandwidth_gbps, latency_us)")
         if not split and self.disaggregation is not None:
             raise ValueError("disaggregation: set fleet.replicas[].role to prefill and decode for some groups")
-        if split and self.policies.routing.name in ("tenant_pools", "canary"):
+        if split and self.policies.routing.name in FIXED_REPLICA_ROUTERS:
             raise ValueError(f"disaggregation: policies.routing {self.policies.routing.name} names fixed replicas; "
                              "use a router that picks within each pool")
         if split and self.autoscaling is not None:
@@ -507,7 +510,7 @@ class Config(Strict):
                              f"(got min {a.min_replicas}, initial {init}, warm pool {a.warm_pool})")
         if a.metric == "slo_attainment" and a.target > 1:
             raise ValueError("autoscaling.target: an SLO attainment target is a fraction in (0, 1]")
-        if self.policies.routing.name in ("tenant_pools", "canary"):
+        if self.policies.routing.name in FIXED_REPLICA_ROUTERS:
             raise ValueError(f"autoscaling: policies.routing {self.policies.routing.name} names fixed replicas; use "
                              "a router that picks among the active ones")
         return self

@@ -129,16 +129,10 @@ class ReplicaStats:
         self.kind_s[k] += dt
         self.kind_seqs[k] += seqs
         p = self.kind_parts[k]
-        if pp == 1:
-            p[0] += st.compute_s
-            p[1] += st.memory_s
-            p[2] += st.collective_s
-            p[3] += st.overhead_s
-        else:
-            p[0] += st.compute_s / pp
-            p[1] += st.memory_s / pp
-            p[2] += st.collective_s / pp
-            p[3] += st.overhead_s / pp
+        p[0] += st.compute_s / pp           # x / 1 is x exactly
+        p[1] += st.memory_s / pp
+        p[2] += st.collective_s / pp
+        p[3] += st.overhead_s / pp
         p[4] += load_s
 
     def add_steps(self, dt, flops, nbytes, parts, prefill: int, decode: int, kv_used) -> None:

@@ -22,10 +22,10 @@ class StepTrace:
         self._arrays: list[dict] = []
 
     def step(self, replica: int, start: float, dur: float, prefill: int, decode: int, kv_used: int,
-             waiting: int, running: int, st=None, load_s: float = 0.0, pp: int = 1) -> None:
+             waiting: int, running: int, st, load_s: float, pp: int) -> None:
         """st: the step's StepTime, whose split (per pipeline stage: / pp) is recorded with the KV load time."""
         c = self.cols
-        for f, v in zip(("compute_s", "memory_s", "collective_s", "overhead_s"), st[3:] if st is not None else (0,) * 4):
+        for f, v in zip(("compute_s", "memory_s", "collective_s", "overhead_s"), st[3:]):
             c[f].append(v / pp)
         c["kv_load_s"].append(load_s)
         c["replica"].append(replica)
