@@ -5,8 +5,14 @@ A policy works on the replica's queues (`sim.replica.Replica`): `waiting` (a deq
 micro-batch is in flight sit out), `num_running` (every admitted request, in flight or not), `pool` (the
 KV block pool) and `preempt(req)` (recompute preemption: blocks freed, progress lost, back to the
 waiting front; with swap preemption the KV is kept in CPU memory instead: the request then carries
-`swapped_tokens`, and `swap_in(req)` is called when it is readmitted with its blocks).
+`swapped_tokens`, and `swap_in(req)` is called when it is readmitted with its blocks) and `num_batch` (how
+many of its requests belong to batch jobs, `req.job >= 0`).
 It returns [(request, num_new_tokens), ...]. It keeps no clock and no state between steps.
+
+Batch-job requests (sim/batch_jobs.py) only fill what online traffic leaves: the replica keeps them behind
+every online request in `waiting`, continuous policies admit online requests first, preempt batch requests
+first when memory runs short, and preempt running batch requests to make room for an online request that
+waits (`_make_room`).
 """
 from __future__ import annotations
 
@@ -55,11 +61,28 @@ class ContinuousBatching:
 
     def schedule(self, q, now: float) -> list:
         out: list = []
+        if q.num_batch and q.waiting:
+            self._make_room(q)
         budget, preempted = self._schedule_running(q, now, out)
         if preempted:
             return out
         self._admit(q, now, budget, out)
         return out
+
+    def _make_room(self, q) -> None:
+        """An online request waits where batch requests run: preempt them (the latest admitted first) until it
+        has a sequence slot and the blocks for its first chunk, or no running batch request is left. Batch
+        work yields to online work as a lower vLLM priority does, and comes back when there is room."""
+        head = q.waiting[0]
+        if head.job >= 0:                                   # online requests queue ahead of batch ones
+            return
+        pool, running = q.pool, q.running
+        need = pool.blocks_needed(min(head.num_tokens, self.budget))
+        while q.num_running >= self.max_num_seqs or pool.num_free < need:
+            j = _last_batch(running, 0)
+            if j < 0:
+                return
+            q.preempt(running.pop(j))
 
     def _schedule_running(self, q, now: float, out: list) -> tuple[int, bool]:
         budget = self.budget
@@ -79,7 +102,8 @@ class ContinuousBatching:
                 i += 1
                 continue
             while not pool.allocate(req, c + n):
-                victim = running.pop(self.victim(running, i, now))
+                j = _last_batch(running, i) if q.num_batch else -1      # batch work goes first
+                victim = running.pop(j if j >= 0 else self.victim(running, i, now))
                 q.preempt(victim)
                 preempted = True
                 if victim is req:
@@ -93,7 +117,8 @@ class ContinuousBatching:
         waiting, running, pool = q.waiting, q.running, q.pool
         ordered = self.key(waiting[0], now) is not None if waiting else False
         while waiting and budget > 0 and self.can_admit(q):
-            j = min(range(len(waiting)), key=lambda k: (self.key(waiting[k], now), k)) if ordered else 0
+            j = min(range(len(waiting)), key=lambda k: (waiting[k].job >= 0, self.key(waiting[k], now), k)) \
+                if ordered else 0
             req = waiting[j]
             swapped = req.swapped_tokens                    # its KV waits in CPU memory: copied back, not recomputed
             if swapped:
@@ -121,6 +146,14 @@ class ContinuousBatching:
             budget -= n
 
 
+def _last_batch(running: list, i: int) -> int:
+    """Position of the latest admitted batch-job request in running[i:], or -1."""
+    for j in range(len(running) - 1, i - 1, -1):
+        if running[j].job >= 0:
+            return j
+    return -1
+
+
 class StaticBatching(ContinuousBatching):
     """Request-level batching (the pre-Orca baseline): a batch is formed only when the previous one
     has fully drained; prompts run whole; finished sequences leave but nobody joins mid-batch."""
@@ -136,6 +169,9 @@ class StaticBatching(ContinuousBatching):
 
     def can_admit(self, q) -> bool:
         return self._forming and q.num_running < self.max_num_seqs
+
+    def _make_room(self, q) -> None:
+        """A request-level batch is never broken up for a newcomer: it waits for the next batch."""
 
 
 class DynamicBatching(StaticBatching):
@@ -195,6 +231,8 @@ class PrefillFirst(ContinuousBatching):
 
     def schedule(self, q, now: float) -> list:
         out: list = []
+        if q.num_batch and q.waiting:
+            self._make_room(q)
         self._admit(q, now, self.budget, out)
         return out or super().schedule(q, now)
 

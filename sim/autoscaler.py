@@ -74,9 +74,10 @@ class Autoscaler:
 
     # --- hooks from the cluster ----------------------------------------------------------------
     def on_done(self, req) -> None:
-        self._done += 1
-        if self.meets is not None and self.meets(req):
-            self._met += 1
+        if req.job < 0:                      # batch jobs have deadlines, not SLOs: they do not steer scaling
+            self._done += 1
+            if self.meets is not None and self.meets(req):
+                self._met += 1
         i = req.replica
         if self.state.get(i) == DRAINING and self.cluster.replicas[i].outstanding == 0:
             self._set(i, OFF, "drained")

@@ -26,6 +26,8 @@ class Cluster:
         self.arrivals_done = False       # no request will arrive any more
         self.session_logs = None         # agentic sessions: one SessionLog each (traces/sessions.py)
         self.decode_pool = None          # disaggregation: the decode replicas, their router and the KV link
+        self.batch = None                # batch jobs waiting for room (sim/batch_jobs.py)
+        self._serving: dict = {}         # model -> the routable replicas serving it
         self.counts_only = not (getattr(router, "reads_kv_state", True) or getattr(admission, "reads_kv_state", True))
         self.max_request_tokens = max(r.max_request_tokens for r in replicas)
         for r in replicas:
@@ -51,20 +53,33 @@ class Cluster:
             return self._answer_from_cache(req, now)
         if req.total_tokens > self.max_request_tokens:       # fits no replica
             return self._reject(req, self.replicas[0].fits(req), now)
+        if req.job >= 0:                                      # a batch job's: waits for room at the cluster
+            return self.batch.submit(req)
         reason = self.admission.admit(req, self, now)
         log = self.metrics.decisions
         if log is not None:
             log.admit(req, reason, now)
         if reason:
             return self._reject(req, reason, now)
-        pool = self.routable
+        pool = self.routable if req.model is None else self.serving(req.model, self.routable)
         rep = pool[self.router.route(req, pool, now)]
         if log is not None:
             log.route(req, pool, rep.index, now)
+        self.dispatch(req, rep)
+
+    def dispatch(self, req: Request, rep) -> None:
         reason = rep.fits(req)
         if reason:
-            return self._reject(req, reason, now)
+            return self._reject(req, reason, self.env.now)
         rep.add(req)
+
+    def serving(self, model: str, pool: list) -> list:
+        """The replicas of pool that serve model (requests naming a model go to those only)."""
+        key = (model, id(pool))
+        got = self._serving.get(key)
+        if got is None:
+            got = self._serving[key] = [r for r in pool if r.model_name == model]
+        return got
 
     def disaggregate(self, prefill: list, decode: list, decode_router, link) -> None:
         """Route arrivals to the prefill replicas; hand each request with its first token to a decode replica."""
@@ -87,7 +102,7 @@ class Cluster:
 
     def handoff(self, req, now: float) -> None:
         src = self.replicas[req.replica]
-        pool = self.decode_pool
+        pool = self.serving(src.model_name, self.decode_pool)     # its KV is for its prefill replica's model
         j = self.decode_router.route(req, pool, now)
         dst = pool[j] if pool[j].fits(req) is None else next(r for r in pool if r.fits(req) is None)
         t = self.transfer_s(req, src)
@@ -99,9 +114,14 @@ class Cluster:
             req.handoff = False
             dst.add(req)
         at(self.env, t, ARRIVE).callbacks.append(arrive)
+        if self.batch is not None:                  # the request left its prefill replica: room there
+            self.batch.fill([src])
 
     def set_routable(self, replicas: list) -> None:
         self.routable = replicas
+        self._serving = {}
+        if self.batch is not None:
+            self.batch.fill(replicas)
 
     def idle_forever(self) -> bool:
         """Nothing will arrive and nothing is in the system: the autoscaler's clock may stop."""
@@ -125,6 +145,10 @@ class Cluster:
         self.metrics.on_done(req, now)
         if self.autoscaler is not None:
             self.autoscaler.on_done(req)
+        if self.batch is not None and req.replica >= 0 and req.outcome == FINISHED:
+            rep = self.replicas[req.replica]
+            if rep.outstanding < rep.fill_to and rep in self.routable:
+                self.batch.fill([rep])
         if req.on_finish is not None:
             req.on_finish(req)
 
@@ -135,7 +159,9 @@ class Cluster:
                        slo_class=w.slo_class if w.slo_classes is None else w.slo_classes[i],
                        session=int(w.sessions[i]) if w.sessions is not None else -1,
                        prefix_ids=w.prefix_ids[i] if w.prefix_ids is not None else None,
-                       prefix_block_size=w.prefix_block_size)
+                       prefix_block_size=w.prefix_block_size,
+                       model=w.model if w.models is None else w.models[i],
+                       job=int(w.jobs[i]) if w.jobs is not None else -1)
 
     def open_loop(self, w):
         env = self.env
@@ -174,7 +200,7 @@ class Cluster:
                     done = env.event()
                     req = Request(next(ids), env.now, item.prompt, item.output, tenant=w.tenant,
                                   slo_class=w.slo_class, session=log.session, prefix_ids=item.ids,
-                                  prefix_block_size=w.prefix_block_size)
+                                  prefix_block_size=w.prefix_block_size, model=w.model)
                     req.on_finish = lambda r, ev=done: ev.succeed()
                     if w.retention == "keep":         # what the last turn kept is found again by its hashes
                         release(held.pop(conv_key, None))

@@ -205,6 +205,8 @@ class TraceWorkload(Strict):
     max_total_tokens: Optional[PositiveInt] = Field(None, description="shorten prompts so prompt+output fit (as Vidur)")
     tenant: str = "default"
     slo_class: str = "default"
+    model: Optional[str] = Field(None, description="the model its requests ask for: only replicas serving it take them "
+                                                   "(none: any replica)")
 
 
 class SyntheticWorkload(Strict):
@@ -215,6 +217,8 @@ class SyntheticWorkload(Strict):
     lengths: Lengths
     tenant: str = "default"
     slo_class: str = "default"
+    model: Optional[str] = Field(None, description="the model its requests ask for: only replicas serving it take them "
+                                                   "(none: any replica)")
 
     @model_validator(mode="after")
     def _bounded(self):
@@ -225,7 +229,32 @@ class SyntheticWorkload(Strict):
         return self
 
 
-SingleWorkload = Annotated[Union[TraceWorkload, SyntheticWorkload], Field(discriminator="kind")]
+class BatchJob(Strict):
+    """An offline job: num_requests sent at once at submit_s, wanted within deadline_s of it."""
+    name: str
+    submit_s: NonNegativeFloat = 0.0
+    deadline_s: PositiveFloat = Field(description="seconds after submit_s by which every request should be done")
+    num_requests: PositiveInt
+    lengths: Lengths
+    model: Optional[str] = Field(None, description="the model it runs on (none: any replica)")
+
+
+class BatchWorkload(Strict):
+    """Batch jobs with deadlines (sim/batch_jobs.py): held by the cluster and sent to replicas with spare room
+    (policies.batch_jobs), preempted first when online requests need the room; judged by their deadlines."""
+    kind: Literal["batch"]
+    jobs: list[BatchJob] = Field(min_length=1)
+    tenant: str = "batch"
+
+    @model_validator(mode="after")
+    def _names(self):
+        names = [j.name for j in self.jobs]
+        if len(set(names)) < len(names):
+            raise ValueError(f"jobs[].name: job names must be distinct (got {names})")
+        return self
+
+
+SingleWorkload = Annotated[Union[TraceWorkload, SyntheticWorkload, BatchWorkload], Field(discriminator="kind")]
 
 
 class MixWorkload(Strict):
@@ -255,6 +284,8 @@ class SessionsWorkload(Strict):
                              "engine.kv_offload tiers, which every replica must have)")
     tenant: str = "default"
     slo_class: str = "default"
+    model: Optional[str] = Field(None, description="the model its requests ask for: only replicas serving it take them "
+                                                   "(none: any replica)")
 
     @model_validator(mode="after")
     def _open(self):
@@ -264,7 +295,7 @@ class SessionsWorkload(Strict):
         return self
 
 
-Workload = Annotated[Union[TraceWorkload, SyntheticWorkload, MixWorkload, SessionsWorkload],
+Workload = Annotated[Union[TraceWorkload, SyntheticWorkload, BatchWorkload, MixWorkload, SessionsWorkload],
                      Field(discriminator="kind")]
 
 
@@ -377,12 +408,23 @@ class ResponseCacheConfig(Strict):
     capacity: PositiveInt = Field(10000, description="answers kept (least recently used dropped)")
 
 
+class BatchJobsPolicy(Strict):
+    """How batch jobs fill idle capacity (sim/batch_jobs.py)."""
+    fill_to: Optional[PositiveInt] = Field(
+        None, description="a replica takes batch requests while it has fewer than this many requests in flight, "
+                          "online ones included (default: its engine.max_num_seqs): lower keeps online latency "
+                          "closer to an idle fleet's, higher finishes jobs sooner")
+    order: Literal["edf", "fifo"] = Field("edf", description="which job's requests go first: earliest deadline, "
+                                                             "or earliest submitted")
+
+
 class Policies(Strict):
     batching: Batching = SimpleBatching()
     routing: Routing = SimpleRouting()
     admission: Admission = AcceptAllAdmission()
     eviction: Eviction = Eviction()
     response_cache: ResponseCacheConfig = ResponseCacheConfig()
+    batch_jobs: BatchJobsPolicy = BatchJobsPolicy()
 
 
 class SLOClass(Strict):
@@ -516,14 +558,29 @@ class Config(Strict):
         return self
 
     @model_validator(mode="after")
+    def _models_named(self):
+        named = any(p.model is not None if p.kind != "batch" else any(j.model is not None for j in p.jobs)
+                    for _, p in workload_parts(self.workload))
+        if named and self.policies.routing.name in FIXED_REPLICA_ROUTERS:
+            raise ValueError(f"policies.routing: {self.policies.routing.name} names fixed replicas; requests that "
+                             "name a model need a router that picks among that model's replicas")
+        return self
+
+    @model_validator(mode="after")
     def _classes_exist(self):
         w = self.workload
-        for where, part in ([("workload", w)] if w.kind != "mix" else
-                            [(f"workload.parts[{i}]", p) for i, p in enumerate(w.parts)]):
+        for where, part in workload_parts(w):
+            if part.kind == "batch":              # judged by their deadlines, not by an SLO class
+                continue
             if part.slo_class not in self.slo.classes:
                 raise ValueError(f"{where}.slo_class {part.slo_class!r} is not one of slo.classes "
                                  f"({', '.join(self.slo.classes)})")
         return self
+
+
+def workload_parts(w) -> list:
+    """(key path, part) of each open-loop part of a workload: itself, or a mix's parts."""
+    return [("workload", w)] if w.kind != "mix" else [(f"workload.parts[{i}]", p) for i, p in enumerate(w.parts)]
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -532,7 +589,7 @@ _TAGS = {"trace", "synthetic", "mix", "poisson", "gamma", "constant", "all_at_on
          "continuous", "static", "dynamic", "sarathi", "orca", "prefill_first", "edf", "priority", "sjf", "fair",
          "round_robin", "random", "least_outstanding", "least_kv", "power_of_two", "prefix_aware", "session_affinity",
          "tenant_pools", "capacity_weighted", "cheapest_first", "canary", "diurnal", "concurrency",
-         "queue", "slo_attainment", "sessions", "evict", "keep", "offload"}
+         "queue", "slo_attainment", "sessions", "evict", "keep", "offload", "batch"}
 
 
 def _path(loc) -> str:

@@ -43,6 +43,9 @@ class Replica:
         self.flying: list = []               # micro-batches in the pipeline (pp > 1)
         self.num_flying = 0                  # requests in them
         self.outstanding = 0                 # waiting + running + flying: changes on add and on finish only
+        self.num_batch = 0                   # of them, batch-job requests (sim/batch_jobs.py)
+        self.fill_to = 0                     # batch requests come while outstanding < this (policies.batch_jobs)
+        self.model_name = ""                 # the model it serves (catalog name): requests naming a model come
         self._wakeup = None
         self._run = self._run_end = None     # the decode run in progress and the event that ends it
         self._ids = getattr(model, "needs_ids", False)     # a model with per-request state (measured backend)
@@ -96,7 +99,11 @@ class Replica:
     # --- queue operations used by the batching policy -----------------------------------
     def add(self, req) -> None:
         req.replica = self.index
-        self.waiting.append(req)
+        if req.job >= 0:
+            self.num_batch += 1
+            self.waiting.append(req)
+        else:                                            # online requests queue ahead of batch ones
+            self._before_batch(req)
         self.outstanding += 1
         if self._run is not None and self._run.cut(self.env.now):
             self._run_end = move(self.env, self._run_end, self._run.end, COMPLETE)
@@ -128,7 +135,22 @@ class Replica:
         req.preemptions += 1
         self.stats.preemptions += 1
         self.stats.preempt_times.append(self.env.now)
-        self.waiting.appendleft(req)
+        if req.job >= 0:                      # batch work: behind the online requests waiting, first of its kind
+            self._before_batch(req)
+        else:
+            self.waiting.appendleft(req)
+
+    def _before_batch(self, req) -> None:
+        """Queue req behind every waiting online request and ahead of every waiting batch one (those sit at
+        the back)."""
+        waiting = self.waiting
+        i = len(waiting)
+        while i and waiting[i - 1].job >= 0:
+            i -= 1
+        if i == len(waiting):
+            waiting.append(req)
+        else:
+            waiting.insert(i, req)
 
     def swap_in(self, req) -> None:
         """A swapped-out request is readmitted with its blocks allocated: copy its KV back, in this step. (A
@@ -305,7 +327,7 @@ class Replica:
                         req.last_token = now
                         finished.append(req)
                         continue
-                else:
+                elif req.job < 0:                        # ITL is online traffic's (as the latency table)
                     gaps.append(now - req.last_token)
                 req.last_token = now
                 if req.num_output == req.output_tokens:
@@ -321,6 +343,8 @@ class Replica:
         if finished:
             self.running = [r for r in self.running if r.outcome != FINISHED and not r.handoff]
             self.outstanding -= len(finished)
+            if self.num_batch:
+                self.num_batch -= sum(r.job >= 0 for r in finished)
             for req in finished:
                 if req.handoff:
                     self.sending.append(req)

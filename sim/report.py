@@ -11,6 +11,7 @@ import pandas as pd
 
 from .anomalies import find_anomalies
 from .attribution import add_request_parts, attribution_report
+from .batch_jobs import job_table, jobs_report
 from .decisions import decisions_report
 from .request import FINISHED, REJECTED
 
@@ -32,6 +33,10 @@ def request_table(result) -> pd.DataFrame:
     reqs = result.metrics.requests
     df = pd.DataFrame({col: [getattr(r, attr) for r in reqs] for col, attr in COLUMNS})
     df["outcome"] = df["outcome"].replace("", "unfinished")
+    df["model"] = [r.model or result.replicas[r.replica].model if r.replica >= 0 else r.model or "" for r in reqs]
+    specs = result.workload.job_specs or []
+    df["job"] = [specs[r.job].name if r.job >= 0 else "" for r in reqs]
+    df["deadline_s"] = [specs[r.job].deadline_s if r.job >= 0 else math.nan for r in reqs]
     df = df.sort_values("id", kind="stable").reset_index(drop=True)
     fin = df["outcome"] == FINISHED
     df["queue_s"] = (df["first_scheduled_s"] - df["arrival_s"]).where(fin)
@@ -99,11 +104,13 @@ def paid_s(result, r, duration: float) -> float:
 
 
 def slo_met(df: pd.DataFrame, cfg) -> pd.Series:
-    """For each request: did it meet every threshold of its own SLO class?"""
+    """For each request: did it meet every threshold of its own SLO class? (A batch job's: its job's deadline.)"""
     met = pd.Series(False, index=df.index)
+    online = df["job"] == ""
     for name, slo in cfg.slo.classes.items():
-        sub = df[df["slo_class"] == name]
+        sub = df[online & (df["slo_class"] == name)]
         met[sub.index] = _meets(sub, slo)
+    met[~online] = (df["outcome"] == FINISHED) & (df["finish_s"] <= df["deadline_s"])
     return met
 
 
@@ -199,14 +206,15 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
     out_tok = int(df.loc[fin, "output_tokens"].sum())
     in_tok = int(df.loc[fin, "prompt_tokens"].sum())
     itl = m.itl
-    latency = {k: _stats_ms(df[c]) for k, c in (("ttft", "ttft_s"), ("tpot", "tpot_s"), ("e2e", "e2e_s"),
-                                                   ("queue", "queue_s"))}
+    online = df[df["job"] == ""]            # latency and SLOs are online traffic's; batch jobs have deadlines
+    latency = {k: _stats_ms(online[c]) for k, c in (("ttft", "ttft_s"), ("tpot", "tpot_s"), ("e2e", "e2e_s"),
+                                                       ("queue", "queue_s"))}
     latency["itl"] = {"mean": itl.mean() * 1000 if itl.n else None,
                       **{f"p{p}": (itl.quantile(p / 100) * 1000 if itl.n else None) for p in PCTS}}
     classes, met_total = {}, 0
     met_by_request = slo_met(df, cfg)
     for name, slo in cfg.slo.classes.items():
-        sub = df[df["slo_class"] == name]
+        sub = online[online["slo_class"] == name]
         met = int(met_by_request[sub.index].sum())
         met_total += met
         classes[name] = {"requests": int(len(sub)), "met": met,
@@ -240,7 +248,7 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
             "output_tokens_per_s": out_tok / duration,
             "total_tokens_per_s": (out_tok + in_tok) / duration,
         },
-        "slo": {"attainment": met_total / len(df) if len(df) else None,
+        "slo": {"attainment": met_total / len(online) if len(online) else None,
                 "goodput_requests_per_s": met_total / duration, "classes": classes},
         "tenants": {t: _tenant(sub, met_by_request[sub.index], duration) for t, sub in df.groupby("tenant", sort=True)},
         "cost": {"gpus": gpus, "gpu_hours": gpu_hours, "usd": usd,
@@ -251,6 +259,10 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
         **({"autoscaling": result.autoscaling} if result.autoscaling is not None else {}),
         **({"disaggregation": _disaggregation(df, result)} if result.config.disaggregation is not None else {}),
         **({"sessions": _sessions(session_table(result))} if result.session_logs is not None else {}),
+        **({"batch_jobs": jobs_report(job_table(result))} if result.workload.job_specs else {}),
+        **({"models": {name: _tenant(sub, met_by_request[sub.index], duration)
+                       for name, sub in df.groupby("model", sort=True)}} if len({r.model for r in result.replicas}) > 1
+           else {}),
         "utilization": {
             "mfu": flops / (sum(r.peak_flops for r in result.replicas) * duration),
             "mbu": nbytes / (sum(r.peak_bw for r in result.replicas) * duration),
@@ -270,7 +282,7 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
                       "preemptions": s.preemptions, "requests": int((df["replica"] == r.index).sum())}
                      for r, s in zip(result.replicas, m.replicas)],
         "attribution": attribution_report(result, df),
-        "anomalies": find_anomalies(result, df, met_by_request, duration),
+        "anomalies": find_anomalies(result, online, met_by_request[online.index], duration),   # batch waits by design
         **({"decisions": decisions_report(m.decisions, result.regret)} if m.decisions is not None else {}),
     }
 
@@ -287,6 +299,14 @@ def _fmt(v, unit=""):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return f"{v:,.1f}{unit}" if abs(v) >= 10 else f"{v:,.3g}{unit}"
+
+
+def _slice_row(name: str, tn: dict) -> str:
+    att = tn["slo_attainment"]
+    return (f"| {name} | {tn['requests']} | {tn['finished']} | {tn['rejected']} | "
+            f"{_fmt(tn['ttft_ms']['p50'])} / {_fmt(tn['ttft_ms']['p99'])} | "
+            f"{_fmt(tn['tpot_ms']['p50'])} / {_fmt(tn['tpot_ms']['p99'])} | "
+            f"{_fmt(tn['output_tokens_per_s'])} | {_fmt(100 * att if att is not None else None)} % |")
 
 
 def summary_markdown(rep: dict) -> str:
@@ -320,10 +340,7 @@ def summary_markdown(rep: dict) -> str:
         L += ["", "| tenant | requests | finished | rejected | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | output tok/s "
                   "| SLO attainment |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, tn in rep["tenants"].items():
-            L.append(f"| {name} | {tn['requests']} | {tn['finished']} | {tn['rejected']} | "
-                     f"{_fmt(tn['ttft_ms']['p50'])} / {_fmt(tn['ttft_ms']['p99'])} | "
-                     f"{_fmt(tn['tpot_ms']['p50'])} / {_fmt(tn['tpot_ms']['p99'])} | "
-                     f"{_fmt(tn['output_tokens_per_s'])} | {_fmt(100 * tn['slo_attainment'])} % |")
+            L.append(_slice_row(name, tn))
     reg = rep.get("decisions", {}).get("routing_regret")
     if reg and reg["samples"]:
         L += ["", f"Routing regret over {reg['samples']} sampled decisions (up to {reg['top_k']} alternatives each, "
@@ -340,6 +357,22 @@ def summary_markdown(rep: dict) -> str:
                      f"{_fmt(100 * g['busy_fraction'])} % | {_fmt(lat['ttft_ms']['p99'])} | {_fmt(lat['tpot_ms']['p99'])} "
                      f"| {_fmt(100 * att if att is not None else None)} % "
                      f"| {_fmt(g['usd'])} | {_fmt(g['usd_per_1m_output_tokens'])} |")
+    bj = rep.get("batch_jobs")
+    if bj:
+        L += ["", f"Batch jobs: {bj['met_deadline']}/{bj['jobs']} met their deadline; {bj['finished_by_deadline']:,}"
+                  f"/{bj['requests']:,} requests done by theirs.", "",
+              "| job | requests | finished | by deadline | submitted (s) | deadline (s) | done (s) | late (s) | preemptions |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, j in bj["by_job"].items():
+            L.append(f"| {name} | {j['requests']:,} | {j['finished']:,} | {j['finished_by_deadline']:,} | "
+                     f"{_fmt(j['submit_s'])} | {_fmt(j['deadline_s'])} | {_fmt(j['completed_s'])} | "
+                     f"{_fmt(max(j['lateness_s'], 0.0) if j['lateness_s'] is not None else None)} | {j['preemptions']:,} |")
+    models = rep.get("models")
+    if models:
+        L += ["", "| model | requests | finished | rejected | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | output tok/s "
+                  "| SLO attainment |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, tn in models.items():
+            L.append(_slice_row(name, tn))
     found = rep["anomalies"]["found"]
     L += ["", "Anomalies: " + ("none found." if not found else "")] + [f"- {f}" for f in found]
     return "\n".join(L) + "\n"
@@ -360,6 +393,8 @@ def write_outputs(result, out_dir: Path, plots: bool = True) -> dict:
         result.metrics.decisions.write(out_dir / "decisions.jsonl.gz")
     if result.session_logs is not None:
         session_table(result).to_csv(out_dir / "sessions.csv", index=False)
+    if result.workload.job_specs:
+        job_table(result).to_csv(out_dir / "jobs.csv", index=False)
     (out_dir / "report.json").write_text(json.dumps(rep, indent=2, allow_nan=False, default=_jsonable) + "\n")
     md = summary_markdown(rep)
     (out_dir / "summary.md").write_text(md)

@@ -12,7 +12,7 @@ FINISHED, REJECTED = "finished", "rejected"
 
 class Request:
     __slots__ = (
-        "id", "arrival", "prompt_tokens", "output_tokens", "tenant", "slo_class", "session",
+        "id", "arrival", "prompt_tokens", "output_tokens", "tenant", "slo_class", "session", "model", "job",
         "prefix_ids", "prefix_block_size",
         # sequence state
         "num_computed", "num_output", "blocks", "block_hashes", "num_cached_tokens", "preemptions",
@@ -28,7 +28,8 @@ class Request:
     )
 
     def __init__(self, id: int, arrival: float, prompt_tokens: int, output_tokens: int, *, tenant: str = "default",
-                 slo_class: str = "default", session: int = -1, prefix_ids=None, prefix_block_size: int = 0):
+                 slo_class: str = "default", session: int = -1, prefix_ids=None, prefix_block_size: int = 0,
+                 model: str | None = None, job: int = -1):
         self.id = id
         self.arrival = arrival
         self.prompt_tokens = prompt_tokens
@@ -36,6 +37,8 @@ class Request:
         self.tenant = tenant
         self.slo_class = slo_class
         self.session = session
+        self.model = model                        # the model it asks for (None: any replica serves it)
+        self.job = job                            # its batch job (sim/batch_jobs.py), -1 for online traffic
         self.prefix_ids = prefix_ids              # trace block ids (prefix-chained), or None
         self.prefix_block_size = prefix_block_size
         self.num_computed = 0

@@ -1,6 +1,7 @@
 """Build a simulation from a validated config, run it, and return the raw result."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import resource
 import time
@@ -162,6 +163,8 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
             rep.capacity = decode_capacity(roofline() if pm.name == "measured" else step_model, e.max_num_seqs)
             rep.usd_per_hour = n_gpus * price
             rep.group = name
+            rep.model_name = model.name
+            rep.fill_to = pol.batch_jobs.fill_to or e.max_num_seqs
             rep.kv_bytes_per_token, rep.num_layers = plan.kv_bytes_per_token, model.num_layers
             group_of.append(gi)
             infos.append(ReplicaInfo(i, name, gpu.name, model.name, tp, pp, n_gpus, price,
@@ -197,7 +200,38 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
         scaler = Autoscaler(env, cluster, [r for r, g in zip(replicas, group_of) if g == a.group], a, cold)
         scaler.meets = lambda req: meets_slo(req, cfg.slo.classes)
     workload = build_workload(cfg.workload, wl_rng, base_dir)
+    _name_models(cfg, workload, cluster)
+    if workload.job_specs is not None:
+        from .batch_jobs import BatchQueue
+        cluster.batch = BatchQueue(cluster, workload.job_specs, pol.batch_jobs.order)
     return cluster, replicas, infos, workload
+
+
+def _name_models(cfg: Config, w: Workload, cluster) -> None:
+    """Requests naming a model get its catalog name; each named model must be served by some replica (by some
+    prefill replica, disaggregated)."""
+    from .config import workload_parts
+    served = {r.model_name for r in cluster.routable}
+    canon = {}
+    named = [(f"{where}.model", part.model) for where, part in workload_parts(cfg.workload) if part.kind != "batch"]
+    named += [(f"{where}.jobs[{k}].model", j.model) for where, part in workload_parts(cfg.workload)
+              if part.kind == "batch" for k, j in enumerate(part.jobs)]
+    for where, m in named:
+        if m is None:
+            continue
+        name = _where(where, get_model, m).name
+        if name not in served:
+            raise ConfigError(f"{where}: no replica serves {name} (fleet.replicas[].model: "
+                              f"{', '.join(sorted(served))})")
+        canon[m] = name
+    if not canon:
+        return
+    if w.model is not None:
+        w.model = canon[w.model]
+    if w.models is not None:
+        w.models = [canon[m] if m is not None else None for m in w.models]
+    if w.job_specs is not None:
+        w.job_specs = [s if s.model is None else dataclasses.replace(s, model=canon[s.model]) for s in w.job_specs]
 
 
 CAPACITY_BATCH, CAPACITY_CONTEXT = 64, 1024

@@ -20,6 +20,7 @@ class Queue:
         self.waiting, self.running = deque(), []
         self.pool = BlockPool(blocks, block_size)
         self.preempted = []
+        self.num_batch = 0
 
     @property
     def num_running(self):

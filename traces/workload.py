@@ -34,6 +34,10 @@ class Workload:
     conversations: list | None = None   # agentic sessions (traces/sessions.py): one per session
     session_starts: np.ndarray | None = None
     retention: str = "evict"
+    model: str | None = None            # the model its requests ask for (None: any replica)
+    models: list | None = None          # a mix: each request's model (else the one above)
+    jobs: np.ndarray | None = None      # each request's batch job (an index into job_specs), -1: online
+    job_specs: list | None = None       # batch jobs: JobSpec each
 
     def __len__(self) -> int:
         return int(self.prompt.size)
@@ -43,6 +47,15 @@ class Workload:
         p, o = self.sample_lengths(n)
         self.prompt = np.concatenate([self.prompt, p])
         self.output = np.concatenate([self.output, o])
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    submit_s: float
+    deadline_s: float                   # absolute: submit + the job's deadline
+    num_requests: int
+    model: str | None
 
 
 def cap_total_tokens(prompt: np.ndarray, output: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,17 +92,19 @@ def build_workload(cfg, rng: np.random.Generator, base_dir: Path | None = None) 
         return _from_trace(cfg, rng, base_dir)
     if cfg.kind == "sessions":
         return _sessions(cfg, rng, base_dir)
+    if cfg.kind == "batch":
+        return _batch(cfg, rng, base_dir)
     a = cfg.arrival
     if a.process == "closed_loop":
         # lengths for every request a client may send; a duration-bounded run draws more as needed
         p, o = _lengths(cfg.lengths, cfg.num_requests or 65536, rng, base_dir)
-        return Workload(p, o, None, tenant=cfg.tenant, slo_class=cfg.slo_class, concurrency=a.concurrency,
+        return Workload(p, o, None, tenant=cfg.tenant, slo_class=cfg.slo_class, model=cfg.model, concurrency=a.concurrency,
                         think_time_s=a.think_time_s, duration_s=cfg.duration_s, max_requests=cfg.num_requests,
                         description=f"closed loop, {a.concurrency} clients",
                         sample_lengths=lambda n: _lengths(cfg.lengths, n, rng, base_dir))
     t = arrival_times(a, cfg.num_requests, cfg.duration_s, rng)
     p, o = _lengths(cfg.lengths, t.size, rng, base_dir)
-    return Workload(p, o, t, tenant=cfg.tenant, slo_class=cfg.slo_class,
+    return Workload(p, o, t, tenant=cfg.tenant, slo_class=cfg.slo_class, model=cfg.model,
                     description=f"{a.process} arrivals, {t.size} requests")
 
 
@@ -121,7 +136,7 @@ def _from_trace(cfg, rng, base_dir) -> Workload:
     ids = [tr.prefix_ids[i] for i in idx] if tr.prefix_ids is not None else None
     if ids is not None and cfg.prompt_scale != 1.0:
         ids = None  # block ids no longer describe the scaled prompts
-    return Workload(p, o, t, ids, tr.prefix_block_size, tenant=cfg.tenant, slo_class=cfg.slo_class,
+    return Workload(p, o, t, ids, tr.prefix_block_size, tenant=cfg.tenant, slo_class=cfg.slo_class, model=cfg.model,
                     sessions=tr.sessions[idx] if tr.sessions is not None else None,
                     description=f"trace {path.name}, {idx.size} requests")
 
@@ -137,9 +152,27 @@ def _sessions(cfg, rng, base_dir) -> Workload:
     starts = arrival_times(cfg.arrival, n, None, rng)
     empty = np.zeros(0, dtype=np.int64)
     turns = sum(c.turns() for c in convs)
-    return Workload(empty, empty, None, prefix_block_size=64, tenant=cfg.tenant, slo_class=cfg.slo_class,
+    return Workload(empty, empty, None, prefix_block_size=64, tenant=cfg.tenant, slo_class=cfg.slo_class, model=cfg.model,
                     think_time_s=cfg.think_time_scale, max_requests=turns, conversations=convs,
                     session_starts=starts, retention=cfg.retention, description=f"{n} agentic sessions from {path.name}, {turns} turns")
+
+
+def _batch(cfg, rng, base_dir) -> Workload:
+    """Every job's requests arrive at its submit time; lengths drawn per job, on the part's generator in job order."""
+    specs, prompt, output, times, jobs = [], [], [], [], []
+    for k, j in enumerate(cfg.jobs):
+        p, o = _lengths(j.lengths, j.num_requests, rng, base_dir)
+        specs.append(JobSpec(j.name, j.submit_s, j.submit_s + j.deadline_s, j.num_requests, j.model))
+        prompt.append(p)
+        output.append(o)
+        times.append(np.full(j.num_requests, float(j.submit_s)))
+        jobs.append(np.full(j.num_requests, k))
+    t = np.concatenate(times)
+    order = np.argsort(t, kind="stable")
+    models = [specs[k].model for k in np.concatenate(jobs)[order].tolist()]
+    return Workload(np.concatenate(prompt)[order], np.concatenate(output)[order], t[order], tenant=cfg.tenant,
+                    slo_class="batch", models=models, jobs=np.concatenate(jobs)[order], job_specs=specs,
+                    description=f"{len(specs)} batch jobs, {t.size} requests")
 
 
 def _mix(cfg, rng, base_dir) -> Workload:
@@ -163,6 +196,14 @@ def _mix(cfg, rng, base_dir) -> Workload:
         base = np.cumsum([0] + [int(w.sessions.max()) + 1 if w.sessions is not None else 0 for w in parts])
         sessions = np.concatenate([w.sessions + b if w.sessions is not None else np.full(len(w), -1)
                                    for w, b in zip(parts, base)])[order]
+    jobs = specs = None
+    if any(w.jobs is not None for w in parts):        # job indices into the parts' job lists, concatenated
+        specs = [s for w in parts for s in (w.job_specs or [])]
+        base = np.cumsum([0] + [len(w.job_specs or []) for w in parts])
+        jobs = np.concatenate([w.jobs + b if w.jobs is not None else np.full(len(w), -1)
+                               for w, b in zip(parts, base)])[order]
     return Workload(cat("prompt"), cat("output"), t[order], ids, sizes.pop() if sizes else 0, sessions=sessions,
                     tenants=per_request(lambda w, i: w.tenant), slo_classes=per_request(lambda w, i: w.slo_class),
+                    models=per_request(lambda w, i: w.model if w.models is None else w.models[i]),
+                    jobs=jobs, job_specs=specs,
                     description="mix of " + "; ".join(f"{w.tenant}/{w.slo_class}: {w.description}" for w in parts))
