@@ -213,6 +213,7 @@ class SyntheticWorkload(Strict):
     kind: Literal["synthetic"]
     num_requests: Optional[PositiveInt] = None
     duration_s: Optional[PositiveFloat] = None
+    start_s: NonNegativeFloat = Field(0.0, description="the first request arrives then (a mix part that starts later)")
     arrival: Arrival
     lengths: Lengths
     tenant: str = "default"
@@ -226,6 +227,8 @@ class SyntheticWorkload(Strict):
             raise ValueError("set num_requests or duration_s (or both) so the workload ends")
         if self.arrival.process == "all_at_once" and self.num_requests is None:
             raise ValueError("all_at_once arrivals need num_requests")
+        if self.arrival.process == "closed_loop" and self.start_s:
+            raise ValueError("start_s: closed-loop clients start at t=0")
         return self
 
 

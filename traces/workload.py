@@ -102,7 +102,7 @@ def build_workload(cfg, rng: np.random.Generator, base_dir: Path | None = None) 
                         think_time_s=a.think_time_s, duration_s=cfg.duration_s, max_requests=cfg.num_requests,
                         description=f"closed loop, {a.concurrency} clients",
                         sample_lengths=lambda n: _lengths(cfg.lengths, n, rng, base_dir))
-    t = arrival_times(a, cfg.num_requests, cfg.duration_s, rng)
+    t = arrival_times(a, cfg.num_requests, cfg.duration_s, rng) + cfg.start_s
     p, o = _lengths(cfg.lengths, t.size, rng, base_dir)
     return Workload(p, o, t, tenant=cfg.tenant, slo_class=cfg.slo_class, model=cfg.model,
                     description=f"{a.process} arrivals, {t.size} requests")
