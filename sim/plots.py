@@ -29,9 +29,10 @@ def save(fig, path: Path, title: str | None = None) -> Path:
 
 def write_plots(result, df, ts, out: Path, rates=None) -> list[Path]:
     paths = []
+    online = df[df["job"] == ""]          # latency is online traffic's; batch jobs get their own plot
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, col, title in zip(axes, ("ttft_s", "tpot_s", "e2e_s"), ("TTFT", "TPOT", "E2E latency")):
-        cdf(ax, df[col].to_numpy(dtype=float), title)
+        cdf(ax, online[col].to_numpy(dtype=float), title)
         ax.set_xscale("log")
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction of requests")
@@ -81,8 +82,36 @@ def write_plots(result, df, ts, out: Path, rates=None) -> list[Path]:
     if rates is not None:
         paths.append(replica_series(ts, rates, out / "replicas_timeseries.png"))
     if result.autoscaling is not None:
-        paths.append(autoscaling_plot(result.autoscaling, df, ts, out / "autoscaling.png"))
+        paths.append(autoscaling_plot(result.autoscaling, online, ts, out / "autoscaling.png"))
+    if result.workload.job_specs:
+        paths.append(batch_jobs_plot(result.workload.job_specs, df, out / "batch_jobs.png"))
     return paths
+
+
+def batch_jobs_plot(specs, df, path: Path, bucket_s: float = 30.0) -> Path:
+    """Each job's share of requests done over time against its deadline; online TPOT (p50, p99 of requests
+    arriving per bucket) below, to see what the batch work cost online traffic."""
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    for k, s in enumerate(specs):
+        done = np.sort(df.loc[(df["job"] == s.name) & (df["outcome"] == "finished"), "finish_s"].to_numpy(float))
+        color = f"C{k % 10}"
+        a1.step(np.concatenate(([s.submit_s], done)), np.arange(done.size + 1) / s.num_requests, where="post",
+                color=color, label=s.name)
+        a1.axvline(s.deadline_s, color=color, ls="--", lw=0.8)
+    a1.set_ylabel("requests done (share of the job)")
+    a1.set_ylim(0, 1.02)
+    a1.set_title("Batch jobs: progress against deadlines (dashed)")
+    a1.legend(loc="lower right", fontsize=8)
+    online = df[df["job"] == ""]
+    b = (online["arrival_s"] // bucket_s) * bucket_s
+    q = (online["tpot_s"] * 1000).groupby(b).quantile([0.5, 0.99]).unstack()
+    if len(q):
+        a2.plot(q.index, q[0.5], label="online TPOT p50")
+        a2.plot(q.index, q[0.99], label="online TPOT p99")
+        a2.legend(loc="upper right", fontsize=8)
+    a2.set_ylabel("ms (by arrival)")
+    a2.set_xlabel("simulated time (s)")
+    return save(fig, path)
 
 
 def autoscaling_plot(a: dict, df, ts, path: Path, bucket_s: float = 30.0) -> Path:
