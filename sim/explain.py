@@ -83,6 +83,11 @@ def explain(rep: dict) -> list[str]:
                            if v / total >= 0.005)
         out.append(f"Requests waited during {total:,.1f} busy seconds; what kept the queue's head out: {shares}.")
         out.append(_advice(top, rep))
+    bj = rep.get("batch_jobs")
+    if bj:                                   # the latency above is online traffic's; batch jobs run by deadline
+        late = [n for n, j in bj["by_job"].items() if not j["met_deadline"]]
+        out.append(f"Batch jobs: {bj['met_deadline']}/{bj['jobs']} met their deadline"
+                   + (f" (late or unfinished: {', '.join(late)})" if late else "") + "; latency above is online traffic's.")
     found = rep["anomalies"]["found"]
     out += [f"Anomaly: {f}." for f in found]
     if ttft:

@@ -281,7 +281,7 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
                       "iterations": s.iterations, "busy_fraction": s.busy_s / duration,
                       "preemptions": s.preemptions, "requests": int((df["replica"] == r.index).sum())}
                      for r, s in zip(result.replicas, m.replicas)],
-        "attribution": attribution_report(result, df),
+        "attribution": attribution_report(result, online),
         "anomalies": find_anomalies(result, online, met_by_request[online.index], duration),   # batch waits by design
         **({"decisions": decisions_report(m.decisions, result.regret)} if m.decisions is not None else {}),
     }
