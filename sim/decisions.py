@@ -88,9 +88,10 @@ class ForcedRouter:
 
 def window_cost(requests, t0: float, window: float, horizon: float) -> float:
     """Mean latency of the requests that arrived in [t0, t0 + window], each finished one at its finish and
-    any other at the horizon (rejected ones count what they waited: 0)."""
+    any other at the horizon (rejected ones count what they waited: 0). Online requests only: routers place
+    those; batch jobs wait for room by design (sim/batch_jobs.py)."""
     lat = [(min(r.finish, horizon) if r.finish == r.finish else horizon) - r.arrival
-           for r in requests if t0 <= r.arrival <= t0 + window]
+           for r in requests if t0 <= r.arrival <= t0 + window and r.job < 0]
     return float(np.mean(lat)) if lat else 0.0
 
 
