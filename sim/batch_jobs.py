@@ -68,7 +68,7 @@ class BatchQueue:
 def job_table(result) -> pd.DataFrame:
     """One row per batch job: its requests, when it was submitted, due and done, and whether it met its deadline."""
     specs = result.workload.job_specs
-    reqs = [r for r in result.metrics.requests if r.job >= 0]
+    reqs = [r for r in result.metrics.requests if r.job >= 0 and not r.retried]    # last attempts
     by_job: dict = {k: [] for k in range(len(specs))}
     for r in reqs:
         by_job[r.job].append(r)
@@ -85,6 +85,7 @@ def job_table(result) -> pd.DataFrame:
                      "completed_s": end, "met_deadline": bool(done and end <= s.deadline_s),
                      "lateness_s": end - s.deadline_s if done else float("nan"),
                      "preemptions": sum(r.preemptions for r in rs),
+                     "retries": sum(r.attempt for r in rs),
                      "output_tokens": sum(r.num_output for r in rs)})
     return pd.DataFrame(rows)
 

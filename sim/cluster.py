@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from .instant import ARRIVE, at
-from .request import FINISHED, REJECTED, Request
+from .request import FAILED, FINISHED, REJECTED, Request
 
 
 class Cluster:
@@ -27,6 +27,11 @@ class Cluster:
         self.session_logs = None         # agentic sessions: one SessionLog each (traces/sessions.py)
         self.decode_pool = None          # disaggregation: the decode replicas, their router and the KV link
         self.batch = None                # batch jobs waiting for room (sim/batch_jobs.py)
+        self.clients = None              # client timeouts and retries (sim/faults.py)
+        self.faults = None               # the FaultInjector (sim/faults.py)
+        self.crash_policy = "fail"       # what requests on a crashed replica see (faults.in_flight)
+        self.orphans: set = set()        # lost in a crash, waiting for their client's timeout
+        self.link_factor = 1.0           # share of the KV link's bandwidth left (network faults)
         self._serving: dict = {}         # model -> the routable replicas serving it
         self.counts_only = not (getattr(router, "reads_kv_state", True) or getattr(admission, "reads_kv_state", True))
         self.max_request_tokens = max(r.max_request_tokens for r in replicas)
@@ -49,6 +54,8 @@ class Cluster:
     def submit(self, req: Request) -> None:
         now = self.env.now
         self.metrics.on_arrival(req, now)
+        if self.clients is not None:
+            self.clients.sent(req)
         if self.response_cache is not None and self.response_cache.lookup(req):
             return self._answer_from_cache(req, now)
         if req.total_tokens > self.max_request_tokens:       # fits no replica
@@ -62,6 +69,8 @@ class Cluster:
         if reason:
             return self._reject(req, reason, now)
         pool = self.routable if req.model is None else self.serving(req.model, self.routable)
+        if not pool:                                          # every replica that could serve it is down
+            return self.fail(req, "no_replica_up")
         rep = pool[self.router.route(req, pool, now)]
         if log is not None:
             log.route(req, pool, rep.index, now)
@@ -95,7 +104,7 @@ class Cluster:
         the layers sent while the prompt was computed are off the critical path, and at least the last layer's
         share is left."""
         nbytes = src.kv_bytes_per_token * req.prompt_tokens
-        t = nbytes / (self.link.bandwidth_gbps * 1e9)
+        t = nbytes / (self.link.bandwidth_gbps * self.link_factor * 1e9)
         if self.link.layerwise:
             t = max(t / src.num_layers, t - (self.env.now - req.first_scheduled))
         return self.link.latency_us * 1e-6 + t
@@ -103,12 +112,22 @@ class Cluster:
     def handoff(self, req, now: float) -> None:
         src = self.replicas[req.replica]
         pool = self.serving(src.model_name, self.decode_pool)     # its KV is for its prefill replica's model
+        if not pool:                                              # every decode replica is down
+            src.sent(req)
+            return self.fail(req, "no_replica_up")
         j = self.decode_router.route(req, pool, now)
         dst = pool[j] if pool[j].fits(req) is None else next(r for r in pool if r.fits(req) is None)
         t = self.transfer_s(req, src)
+        epoch = dst.epoch
 
         def arrive(_ev):
+            if req.outcome:                     # failed on the way (its prefill replica crashed, or a timeout)
+                if req in src.sending:
+                    src.sent(req)
+                return
             src.sent(req)
+            if dst.epoch != epoch:              # its decode replica crashed meanwhile: the KV has nowhere to go
+                return self.lost(req)
             req.prefill_replica, req.kv_transfer_s = src.index, t
             req.swapped_tokens, req.num_computed, req.transferred = req.num_computed, 0, True
             req.handoff = False
@@ -126,6 +145,28 @@ class Cluster:
     def idle_forever(self) -> bool:
         """Nothing will arrive and nothing is in the system: the autoscaler's clock may stop."""
         return self.arrivals_done and not any(r.outstanding for r in self.replicas)
+
+    def fail(self, req: Request, reason: str, reroute: bool = False) -> None:
+        """An attempt ends in failure (a crash, a client timeout, no replica up); the client may retry it."""
+        now = self.env.now
+        if req in self.orphans:
+            self.orphans.discard(req)
+            cancel = False
+        else:
+            cancel = reason == "timeout" and req.replica >= 0
+        req.outcome, req.reason, req.finish = FAILED, reason, now
+        if cancel:                               # still on its replica: free its place there
+            self.replicas[req.replica].cancel(req)
+        if self.clients is not None:
+            self.clients.failed(req, reroute)
+        self._done(req, now)
+
+    def lost(self, req: Request) -> None:
+        """req was on a replica that crashed: fail it, leave it to its client's timeout, or resend it."""
+        if self.crash_policy == "timeout" and req.job < 0:
+            self.orphans.add(req)
+        else:
+            self.fail(req, "replica_crash", reroute=self.crash_policy == "reroute")
 
     def _reject(self, req: Request, reason: str, now: float) -> None:
         req.outcome, req.reason, req.finish = REJECTED, reason, now

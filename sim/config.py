@@ -494,6 +494,58 @@ class Autoscaling(Strict):
     cold_start: ColdStart = ColdStart()
 
 
+class FaultEvent(Strict):
+    """One fault at a fixed time. crash: a replica dies (its requests' KV is lost) and restarts after the
+    restart delay; node_loss: every replica with a GPU on the node, likewise; straggler: a replica's steps take
+    slowdown x longer for duration_s; network: the prefill -> decode KV link runs at bandwidth_factor x its
+    bandwidth for duration_s."""
+    kind: Literal["crash", "node_loss", "straggler", "network"]
+    at_s: NonNegativeFloat
+    replica: Optional[NonNegativeInt] = Field(None, description="crash, straggler: the replica's index")
+    node: Optional[NonNegativeInt] = Field(None, description="node_loss: the node's index (faults.gpus_per_node)")
+    duration_s: Optional[PositiveFloat] = Field(None, description="straggler, network: how long it lasts")
+    slowdown: float = Field(2.0, gt=1, description="straggler: step time factor")
+    bandwidth_factor: float = Field(0.1, gt=0, lt=1, description="network: share of the link's bandwidth left")
+
+    @model_validator(mode="after")
+    def _fields(self):
+        need = {"crash": ("replica",), "node_loss": ("node",), "straggler": ("replica", "duration_s"),
+                "network": ("duration_s",)}[self.kind]
+        missing = [f for f in need if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"a {self.kind} fault needs {' and '.join(missing)}")
+        return self
+
+
+class RandomFaults(Strict):
+    """Faults as a Poisson process: for each replica (crash, straggler) or node (node_loss), at rate_per_hour."""
+    kind: Literal["crash", "node_loss", "straggler"]
+    rate_per_hour: PositiveFloat = Field(description="per replica (crash, straggler) or per node (node_loss)")
+    duration_s: PositiveFloat = Field(60.0, description="straggler: how long each lasts")
+    slowdown: float = Field(2.0, gt=1, description="straggler: step time factor")
+
+
+class Faults(Strict):
+    """Fault injection (sim/faults.py)."""
+    events: list[FaultEvent] = Field(default_factory=list)
+    random: list[RandomFaults] = Field(default_factory=list)
+    gpus_per_node: PositiveInt = Field(8, description="replicas are packed onto nodes in fleet order")
+    restart: ColdStart = Field(ColdStart(), description="a crashed replica is back after its cold start: weights "
+                                                        "per GPU / load_gbps + engine_startup_s")
+    in_flight: Literal["fail", "timeout", "reroute"] = Field(
+        "fail", description="what the requests on a crashed replica see: fail (an error at once: the client may "
+                            "retry), timeout (nothing until client.timeout_s), reroute (the gateway resends them "
+                            "at once)")
+
+
+class Client(Strict):
+    """How clients behave when a request fails or takes too long."""
+    timeout_s: Optional[PositiveFloat] = Field(None, description="give up on an attempt not finished this long after "
+                                                                 "it was sent (none: wait forever)")
+    max_retries: NonNegativeInt = Field(0, description="resend a failed or timed-out request up to this many times")
+    backoff_s: NonNegativeFloat = Field(1.0, description="wait before the first retry; doubled for each next one")
+
+
 class Config(Strict):
     name: str = "run"
     seed: int = 0
@@ -506,6 +558,27 @@ class Config(Strict):
     sim: SimOptions = SimOptions()
     autoscaling: Optional[Autoscaling] = None
     disaggregation: Optional[Disaggregation] = None
+    faults: Optional[Faults] = None
+    client: Client = Client()
+
+    @model_validator(mode="after")
+    def _faults(self):
+        f = self.faults
+        if f is None:
+            return self
+        n = sum(g.count for g in self.fleet.replicas)
+        for i, e in enumerate(f.events):
+            if e.replica is not None and e.replica >= n:
+                raise ValueError(f"faults.events[{i}].replica: {e.replica} is not a replica index (0..{n - 1})")
+            if e.kind == "network" and self.disaggregation is None:
+                raise ValueError(f"faults.events[{i}]: a network fault slows the prefill -> decode KV link; this "
+                                 "fleet has no disaggregation")
+        if f.in_flight == "timeout" and self.client.timeout_s is None:
+            raise ValueError("faults.in_flight timeout: requests on a crashed replica wait for the client's timeout; "
+                             "set client.timeout_s")
+        if self.autoscaling is not None and (f.events or f.random):
+            raise ValueError("faults: not yet supported together with autoscaling")
+        return self
 
     @model_validator(mode="after")
     def _disaggregation(self):
@@ -592,7 +665,8 @@ _TAGS = {"trace", "synthetic", "mix", "poisson", "gamma", "constant", "all_at_on
          "continuous", "static", "dynamic", "sarathi", "orca", "prefill_first", "edf", "priority", "sjf", "fair",
          "round_robin", "random", "least_outstanding", "least_kv", "power_of_two", "prefix_aware", "session_affinity",
          "tenant_pools", "capacity_weighted", "cheapest_first", "canary", "diurnal", "concurrency",
-         "queue", "slo_attainment", "sessions", "evict", "keep", "offload", "batch"}
+         "queue", "slo_attainment", "sessions", "evict", "keep", "offload", "batch", "crash",
+         "node_loss", "straggler", "network"}
 
 
 def _path(loc) -> str:

@@ -164,6 +164,21 @@ class BlockPool:
         """Memory is short and nothing can run: the longest-held pin gives way."""
         self.unpin(next(iter(self.pins)))
 
+    def crash(self) -> int:
+        """The replica died: every block is free and holds nothing (no prefix survives), pins are gone, and the
+        offload tiers in host memory are empty. Cumulative counters stay. Returns the blocks that held KV (in use
+        or cached)."""
+        lost = self.num_used + self.num_cached_free
+        n = self.num_blocks
+        self.ref, self.hash, self.hits = [0] * n, [None] * n, [0] * n
+        self.by_hash, self.pins = {}, {}
+        self.free_plain = deque(range(n))
+        self._heap, self._stamp = [], [0] * n
+        self.num_cached_free = self.num_used = 0
+        if self.offload is not None:
+            self.offload.clear()
+        return lost
+
     def free(self, req: Request) -> None:
         """Release req's blocks; the tail first, so an LRU evicts a prefix's tail before its head."""
         self._release(req.blocks)

@@ -46,6 +46,11 @@ class OffloadStore:
             t += 1
         self.dropped += 1
 
+    def clear(self) -> None:
+        """The host memory (and local disk) of a crashed replica: nothing kept."""
+        for t in self.tiers:
+            t.blocks.clear()
+
     def find(self, h) -> int | None:
         """The first tier holding h, or None."""
         for t, tier in enumerate(self.tiers):

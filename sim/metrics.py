@@ -111,6 +111,7 @@ class ReplicaStats:
     # busy seconds of steps that left requests waiting, by what kept the queue's head out (BLOCKERS)
     blocked_s: dict = field(default_factory=lambda: dict.fromkeys(BLOCKERS, 0.0))
     preempt_times: list = field(default_factory=list)
+    kv_blocks_lost: int = 0        # blocks holding KV (in use or cached) when the replica crashed (sim/faults.py)
 
     def add_step(self, dt: float, st, prefill: int, decode: int, kv_used: int, load_s: float = 0.0,
                  pp: int = 1, seqs: int = 0) -> None:

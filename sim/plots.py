@@ -85,7 +85,43 @@ def write_plots(result, df, ts, out: Path, rates=None) -> list[Path]:
         paths.append(autoscaling_plot(result.autoscaling, online, ts, out / "autoscaling.png"))
     if result.workload.job_specs:
         paths.append(batch_jobs_plot(result.workload.job_specs, df, out / "batch_jobs.png"))
+    if result.faults is not None:
+        paths.append(faults_plot(result, online, out / "faults.png"))
     return paths
+
+
+def faults_plot(result, online, path: Path, bucket_s: float = 10.0) -> Path:
+    """Replicas up, SLO attainment and TTFT (of online requests, by arrival) over time; faults shaded."""
+    from .fault_report import down_intervals
+    from .report import slo_met
+    fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
+    end = result.sim_end
+    n = len(result.replicas)
+    edges = sorted({0.0, end} | {t for iv in down_intervals(result, end).values() for ab in iv for t in ab})
+    up = [n - sum(a <= t < b for iv in down_intervals(result, end).values() for a, b in iv) for t in edges]
+    a1.step(edges, up, where="post")
+    a1.set_ylabel("replicas up")
+    a1.set_ylim(0, n + 0.5)
+    a1.set_title("Faults (shaded) and their impact")
+    b = (online["arrival_s"] // bucket_s) * bucket_s
+    met = slo_met(online, result.config).astype(float)
+    att = met.groupby(b).mean()
+    a2.plot(att.index, 100 * att.to_numpy(), lw=0.8)
+    a2.set_ylabel(f"SLO attainment, % ({bucket_s:g} s)")
+    q = (online["ttft_s"] * 1000).groupby(b).quantile([0.5, 0.99]).unstack()
+    if len(q):
+        a3.plot(q.index, q[0.5], label="TTFT p50", lw=0.8)
+        a3.plot(q.index, q[0.99], label="TTFT p99", lw=0.8)
+        a3.set_yscale("log")
+        a3.legend(loc="upper right", fontsize=8)
+    a3.set_ylabel("ms (by arrival)")
+    a3.set_xlabel("simulated time (s)")
+    colors = {"crash": "tab:red", "node_loss": "darkred", "straggler": "tab:orange", "network": "tab:purple"}
+    for e in result.faults.events:
+        for ax in (a1, a2, a3):
+            ax.axvspan(e["t"], max(e.get("until", e["t"]), e["t"] + bucket_s / 10), color=colors[e["kind"]], alpha=0.15)
+        a1.annotate(e["kind"], (e["t"], n + 0.1), fontsize=7, color=colors[e["kind"]])
+    return save(fig, path)
 
 
 def batch_jobs_plot(specs, df, path: Path, bucket_s: float = 30.0) -> Path:

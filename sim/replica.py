@@ -58,6 +58,10 @@ class Replica:
         self.on_done = None                 # cluster callback(req, now)
         self.on_handoff = None              # cluster callback(req, now): a prefill replica's request has its first token
         self.sending: list = []             # requests whose KV is being sent to a decode replica (blocks held)
+        # faults (sim/faults.py): down after a crash until restarted; epoch counts crashes, so a step in progress
+        # when it crashed is dropped; slow multiplies step times (a straggler); cancelled: given up by clients
+        self.up, self.epoch, self.slow = True, 0, 1.0
+        self.cancelled: list = []
         self.prefill_only = False
         self.capacity = 1.0                 # decode tokens/s at a reference batch (run.decode_capacity): routers
         self.usd_per_hour = 0.0             # what the replica's GPUs cost per hour
@@ -105,9 +109,65 @@ class Replica:
         else:                                            # online requests queue ahead of batch ones
             self._before_batch(req)
         self.outstanding += 1
+        self.cut_run()
+        self._wake()
+
+    def cut_run(self) -> None:
+        """Something changes now (an arrival, a cancellation, a slowdown): a decode run in progress stops after
+        the step running now, as the plain path would next schedule then."""
         if self._run is not None and self._run.cut(self.env.now):
             self._run_end = move(self.env, self._run_end, self._run.end, COMPLETE)
-        self._wake()
+
+    def cancel(self, req) -> None:
+        """A client gave up on req (already marked failed): out of the waiting queue now; a request in a step
+        leaves when the step ends (as vLLM aborts between steps); one being sent is released when it lands."""
+        if req.handoff:
+            return
+        try:
+            self.waiting.remove(req)
+        except ValueError:
+            self.cancelled.append(req)
+            self.cut_run()
+            return
+        self._left(req)
+
+    def _left(self, req) -> None:
+        self.outstanding -= 1
+        if req.job >= 0:
+            self.num_batch -= 1
+
+    def _drop_cancelled(self) -> None:
+        keep = []
+        for req in self.cancelled:
+            if req in self.running:
+                self.running.remove(req)
+            elif any(r is req for b in self.flying for r, _ in b):
+                keep.append(req)                  # in the pipeline: dropped once its micro-batch lands
+                continue
+            self.pool.free(req)
+            if self._release:
+                self._release(req.id)
+            self._left(req)
+        self.cancelled = keep
+
+    def crash(self) -> list:
+        """Everything on the replica is lost: its requests (returned, in queue order: running, in flight, being
+        sent, waiting) and its KV cache. A step in progress is dropped when it ends (the epoch moved on)."""
+        lost = self.running + [r for b in self.flying for r, _ in b if not r.outcome and not r.handoff] \
+            + self.sending + list(self.waiting)
+        lost = [r for r in dict.fromkeys(lost) if not r.outcome]
+        for r in lost:
+            r.blocks = []
+        self.stats.kv_blocks_lost += self.pool.crash()
+        self.up = False
+        self.epoch += 1
+        self.waiting.clear()
+        self.running, self.flying, self.sending, self.cancelled = [], [], [], []
+        self.num_flying = self.outstanding = self.num_batch = 0
+        self.stage_free = [self.env.now] * self.pp
+        self.swap_used, self.pending_s = 0, 0.0
+        self._run = None
+        return lost
 
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.triggered:
@@ -168,6 +228,8 @@ class Replica:
     def _loop(self):
         env, pool, stats, metrics = self.env, self.pool, self.stats, self.metrics
         while True:
+            if self.cancelled:
+                self._drop_cancelled()
             if not self.waiting and not self.running:
                 if not self.num_flying:
                     metrics.sample(self.index, env.now, 0, 0, pool.num_used, force=True)
@@ -222,6 +284,8 @@ class Replica:
             metrics.sample(self.index, now, len(self.waiting), self.num_running, pool.num_used)
             st = self.model.step_time(shape)
             dt = (st.seconds if self.pp == 1 else st.seconds / self.pp) + load_s  # until the first stage is free
+            if self.slow != 1.0:
+                dt *= self.slow
             prefill = sum(pre_new)
             stats.add_step(dt, st, prefill, len(decode), pool.num_used, load_s, self.pp, len(batch))
             if self.waiting:
@@ -230,7 +294,12 @@ class Replica:
                 metrics.trace.step(self.index, now, dt, prefill, len(decode), pool.num_used, len(self.waiting),
                                    self.num_running, st, load_s, self.pp)
             if self.pp == 1:
+                epoch = self.epoch
                 yield env.timeout(dt)
+                if self.epoch != epoch:                  # it crashed during the step: nothing came of it
+                    continue
+                if self.cancelled:                       # given up during the step: their tokens are dropped
+                    batch = [x for x in batch if not x[0].outcome]
                 self._complete(batch, env.now)
                 # cheap tests first: every request of the step sampled (none is mid-prompt), and a next step as
                 # long as this one would not already meet the next event
@@ -240,6 +309,8 @@ class Replica:
                     if run is not None:
                         self._run, self._run_end = run, at_time(env, run.end, COMPLETE)
                         yield self._run_end             # moved earlier if an arrival cuts the run (add)
+                        if self.epoch != epoch:
+                            continue
                         self._run = None
                         run.commit(self)
                         if self.check_invariants:
@@ -290,13 +361,16 @@ class Replica:
         self.running = [r for r in self.running if id(r) not in members]
         self.flying.append(batch)
         self.num_flying += len(batch)
-        at(self.env, end - now, COMPLETE).callbacks.append(lambda _ev: self._land(batch))
+        epoch = self.epoch
+        at(self.env, end - now, COMPLETE).callbacks.append(lambda _ev: self._land(batch, epoch))
 
-    def _land(self, batch) -> None:
-        self._complete(batch, self.env.now)
+    def _land(self, batch, epoch: int) -> None:
+        if self.epoch != epoch:                      # launched before a crash: lost with the replica
+            return
+        self._complete([x for x in batch if not x[0].outcome] if self.cancelled else batch, self.env.now)
         self.flying.remove(batch)
         self.num_flying -= len(batch)
-        self.running.extend(req for req, _ in batch if req.outcome != FINISHED and not req.handoff)
+        self.running.extend(req for req, _ in batch if not req.outcome and not req.handoff)
         self._wake()
 
     def _complete(self, batch, now: float) -> None:

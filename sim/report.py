@@ -12,8 +12,9 @@ import pandas as pd
 from .anomalies import find_anomalies
 from .attribution import add_request_parts, attribution_report
 from .batch_jobs import job_table, jobs_report
+from .fault_report import faults_report
 from .decisions import decisions_report
-from .request import FINISHED, REJECTED
+from .request import FAILED, FINISHED, REJECTED
 
 PCTS = (50, 90, 95, 99)
 
@@ -26,7 +27,8 @@ COLUMNS = (("id", "id"), ("arrival_s", "arrival"), ("prompt_tokens", "prompt_tok
            ("loaded_prompt_tokens", "num_loaded_tokens"),
            ("preemptions", "preemptions"), ("outcome", "outcome"), ("reason", "reason"),
            ("preempted_s", "preempted_s"), ("preempted_ttft_s", "preempted_ttft_s"), ("kv_load_s", "kv_load_s"),
-           ("prefill_replica", "prefill_replica"), ("kv_transfer_s", "kv_transfer_s"))
+           ("prefill_replica", "prefill_replica"), ("kv_transfer_s", "kv_transfer_s"),
+           ("attempt", "attempt"), ("origin", "origin"), ("sent_s", "sent"), ("retried", "retried"))
 
 
 def request_table(result) -> pd.DataFrame:
@@ -138,8 +140,9 @@ def session_table(result) -> pd.DataFrame:
     """One row per agentic session: when it ran, its requests and tokens, time thinking and waiting on the
     server (duration - think), prompt tokens served from the prefix cache."""
     rows = []
+    last = {r.origin: r for r in result.metrics.requests if not r.retried}    # each turn's last attempt
     for log in result.session_logs:
-        reqs = log.requests
+        reqs = [last.get(r.id, r) for r in log.requests]
         done = log.end == log.end
         rows.append({"session": log.session, "name": log.name, "start_s": log.start,
                      "end_s": log.end if done else math.nan,
@@ -197,9 +200,15 @@ def _cost_by_group(result, df: pd.DataFrame, m, duration: float) -> dict:
     return out
 
 
+def final_attempts(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per request as its client saw it: the last attempt of each (retries keep the first's arrival)."""
+    return df[~df["retried"]] if df["retried"].any() else df
+
+
 def build_report(result, df: pd.DataFrame | None = None) -> dict:
     cfg, m = result.config, result.metrics
-    df = request_table(result) if df is None else df
+    attempts = request_table(result) if df is None else df
+    df = final_attempts(attempts)
     fin = df["outcome"] == FINISHED
     start = float(df["arrival_s"].min()) if len(df) else 0.0
     duration = max(result.sim_end - start, 1e-12)
@@ -234,6 +243,7 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
         "requests": {
             "total": int(len(df)), "finished": int(fin.sum()),
             "rejected": int((df["outcome"] == REJECTED).sum()),
+            "failed": int((df["outcome"] == FAILED).sum()),
             "unfinished": int((df["outcome"] == "unfinished").sum()),
             "rejected_by_reason": dict(sorted(result.rejections.items())),
             "preempted": int((df["preemptions"] > 0).sum()),
@@ -260,6 +270,8 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
         **({"disaggregation": _disaggregation(df, result)} if result.config.disaggregation is not None else {}),
         **({"sessions": _sessions(session_table(result))} if result.session_logs is not None else {}),
         **({"batch_jobs": jobs_report(job_table(result))} if result.workload.job_specs else {}),
+        **({"faults": faults_report(result, attempts, df, met_by_request)} if result.faults is not None
+           or result.config.client.max_retries or result.config.client.timeout_s else {}),
         **({"models": {name: _tenant(sub, met_by_request[sub.index], duration)
                        for name, sub in df.groupby("model", sort=True)}} if len({r.model for r in result.replicas}) > 1
            else {}),
@@ -314,7 +326,8 @@ def summary_markdown(rep: dict) -> str:
     rq = rep["requests"]
     why = ", ".join(f"{k}: {v}" for k, v in rq["rejected_by_reason"].items())
     L += [f"Requests: {rq['total']} total, {rq['finished']} finished, {rq['rejected']} rejected"
-          f"{f' ({why})' if why else ''}, {rq['unfinished']} unfinished; {rq['preemptions']} preemptions.", ""]
+          f"{f' ({why})' if why else ''}, {rq['failed']} failed, {rq['unfinished']} unfinished; "
+          f"{rq['preemptions']} preemptions.", ""]
     L += ["| latency (ms) | mean | p50 | p90 | p95 | p99 |", "|---|---:|---:|---:|---:|---:|"]
     for k in ("ttft", "tpot", "itl", "e2e", "queue"):
         s = rep["latency_ms"][k]
@@ -357,6 +370,17 @@ def summary_markdown(rep: dict) -> str:
                      f"{_fmt(100 * g['busy_fraction'])} % | {_fmt(lat['ttft_ms']['p99'])} | {_fmt(lat['tpot_ms']['p99'])} "
                      f"| {_fmt(100 * att if att is not None else None)} % "
                      f"| {_fmt(g['usd'])} | {_fmt(g['usd_per_1m_output_tokens'])} |")
+    fr = rep.get("faults")
+    if fr:
+        q = fr["requests"]
+        L += ["", f"Faults: {len(fr['events'])} injected; replica uptime {_fmt(100 * fr['availability']['replica_uptime'])} %; "
+                  f"{q['failed']:,} requests failed, {q['retried']:,} retried ({q['succeeded_after_retry']:,} then "
+                  f"succeeded), {q['attempts']:,} attempts; {fr['kv_blocks_lost']:,} KV blocks lost."]
+        for e in fr["events"]:
+            pct = lambda v: f"{_fmt(100 * v)} %" if v is not None else "-"  # noqa: E731
+            L.append(f"- {e['kind']} at {_fmt(e['t'])} s (replicas {e['replicas']}, until {_fmt(e.get('until'))} s): SLO "
+                     f"attainment {pct(e['slo_before'])} before, {pct(e['slo_during'])} during, {pct(e['slo_after'])} "
+                     f"after; back to its level {_fmt(e['slo_recovered_s'])} s after the fault")
     bj = rep.get("batch_jobs")
     if bj:
         L += ["", f"Batch jobs: {bj['met_deadline']}/{bj['jobs']} met their deadline; {bj['finished_by_deadline']:,}"
@@ -380,9 +404,10 @@ def summary_markdown(rep: dict) -> str:
 
 def write_outputs(result, out_dir: Path, plots: bool = True) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    df = request_table(result)
-    rep = build_report(result, df)
-    df.to_csv(out_dir / "requests.csv", index=False)
+    attempts = request_table(result)
+    rep = build_report(result, attempts)
+    attempts.to_csv(out_dir / "requests.csv", index=False)
+    df = final_attempts(attempts)
     ts = timeseries(result)
     ts.to_csv(out_dir / "timeseries.csv", index=False)
     from .export import prometheus_text, replica_rates

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-FINISHED, REJECTED = "finished", "rejected"
+FINISHED, REJECTED, FAILED = "finished", "rejected", "failed"
 
 
 class Request:
@@ -23,6 +23,8 @@ class Request:
         "handoff", "transferred", "prefill_replica", "kv_transfer_s",
         # agentic sessions with retention keep: pin this turn's KV under this key when it finishes
         "retain_key",
+        # retries (sim/faults.py): attempt 0 is the original; later ones keep its arrival and id as `origin`
+        "attempt", "origin", "sent", "retried",
         # record
         "replica", "first_scheduled", "first_token", "finish", "last_token", "outcome", "reason", "on_finish",
     )
@@ -60,6 +62,10 @@ class Request:
         self.prefill_replica = -1
         self.kv_transfer_s = 0.0
         self.retain_key = None
+        self.attempt = 0
+        self.origin = id                          # the request as the client sees it: the first attempt's id
+        self.sent = arrival                       # when this attempt was sent (a retry: after the backoff)
+        self.retried = False                      # failed, and a later attempt took over
         self.replica = -1
         self.first_scheduled = math.nan
         self.first_token = math.nan

@@ -63,6 +63,7 @@ class RunResult:
     autoscaling: dict | None = None                    # the autoscaler's events and timeline (sim/autoscaler.py)
     session_logs: list | None = None                   # agentic sessions (traces/sessions.py)
     paid_s: dict | None = None                         # scaled replicas: seconds paid (others: the whole run)
+    faults: object = None                              # the FaultInjector (sim/faults.py): its events, up/down times
 
 
 def _price(cfg: Config, gpu) -> float:
@@ -85,8 +86,9 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
     """The cluster, replicas, their infos and the workload of a config. until: stop time (the earlier of it and
     sim.max_sim_time_s); route_override: (decision index, replica) forced (routing regret, sim/decisions.py)."""
     # spawn(4)[:3] are spawn(3)'s children: the fourth stream (the decode router's) leaves the others alone
-    wl_rng, route_rng, policy_rng, decode_rng = (np.random.default_rng(s)
-                                                 for s in np.random.SeedSequence(cfg.seed).spawn(4))
+    # (spawn(5)[:4] likewise: the fault stream leaves the four others alone)
+    wl_rng, route_rng, policy_rng, decode_rng, fault_rng = (np.random.default_rng(s)
+                                                            for s in np.random.SeedSequence(cfg.seed).spawn(5))
     batching_cls = registry.BATCHING[cfg.policies.batching.name][0]
     batching_params = cfg.policies.batching.model_dump(exclude={"name"})
 
@@ -199,6 +201,16 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
         cold = plans[a.group].weight_bytes / (a.cold_start.load_gbps * 1e9) + a.cold_start.engine_startup_s
         scaler = Autoscaler(env, cluster, [r for r, g in zip(replicas, group_of) if g == a.group], a, cold)
         scaler.meets = lambda req: meets_slo(req, cfg.slo.classes)
+    c, f = cfg.client, cfg.faults
+    if c.timeout_s is not None or c.max_retries or f is not None:
+        from .faults import Clients
+        cluster.clients = Clients(env, cluster, c)
+    if f is not None:
+        from .faults import FaultInjector, node_map
+        cluster.crash_policy = f.in_flight
+        restart = [plans[g].weight_bytes / (f.restart.load_gbps * 1e9) + f.restart.engine_startup_s for g in group_of]
+        cluster.faults = FaultInjector(env, cluster, f, restart, node_map([i.num_gpus for i in infos], f.gpus_per_node),
+                                       fault_rng)
     workload = build_workload(cfg.workload, wl_rng, base_dir)
     _name_models(cfg, workload, cluster)
     if workload.job_specs is not None:
@@ -313,6 +325,7 @@ def simulate(cfg: Config, base_dir: Path | None = None, progress=None, measured_
     res = RunResult(cfg, metrics, infos, dict(cluster.rejections), workload, sim_end, events,
                     time.perf_counter() - t0, rss, [r.pool for r in replicas], [r.model for r in replicas])
     res.session_logs = cluster.session_logs
+    res.faults = cluster.faults
     if cluster.autoscaler is not None:
         res.autoscaling = cluster.autoscaler.report(sim_end)
         res.paid_s = dict(cluster.autoscaler.paid_s)
