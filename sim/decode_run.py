@@ -81,6 +81,12 @@ class DecodeRun:
         self.n = m
         return True
 
+    def blocks_taken_by(self, t: float) -> int:
+        """New blocks the steps started before t have taken (the plain path allocates them as each step starts;
+        a run adds them when it commits): what a crash at t finds in use beyond the pool's count."""
+        m = min(int(np.searchsorted(self.ends[: self.n], t, side="left")), self.n)
+        return int(self.used[m - 1]) if m else 0
+
     def commit(self, replica) -> None:
         """Apply the run's n steps to the replica, its pool, its requests and the metrics."""
         n, ends, pool, metrics = self.n, self.ends, replica.pool, replica.metrics

@@ -158,7 +158,8 @@ class Replica:
         lost = [r for r in dict.fromkeys(lost) if not r.outcome]
         for r in lost:
             r.blocks = []
-        self.stats.kv_blocks_lost += self.pool.crash()
+        pending = self._run.blocks_taken_by(self.env.now) if self._run is not None else 0
+        self.stats.kv_blocks_lost += self.pool.crash() + pending
         self.up = False
         self.epoch += 1
         self.waiting.clear()
@@ -237,6 +238,8 @@ class Replica:
                 continue                         # woken by an arrival or by a micro-batch landing
             if env.peek() == env.now:            # other events at this instant: let them go first
                 yield at(env, 0.0, SCHEDULE)
+                if self.cancelled or (not self.waiting and not self.running):
+                    continue                     # a client gave up, or a crash emptied it, meanwhile
             now = env.now
             pool.now = now
             preempted = stats.preemptions
