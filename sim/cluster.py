@@ -242,15 +242,15 @@ class Cluster:
                     req = Request(next(ids), env.now, item.prompt, item.output, tenant=w.tenant,
                                   slo_class=w.slo_class, session=log.session, prefix_ids=item.ids,
                                   prefix_block_size=w.prefix_block_size, model=w.model)
-                    req.on_finish = lambda r, ev=done: ev.succeed()
+                    req.on_finish = lambda r, ev=done: ev.succeed(r)     # r: the last attempt (client retries)
                     if w.retention == "keep":         # what the last turn kept is found again by its hashes
                         release(held.pop(conv_key, None))
                         req.retain_key = (log.session, conv_key, item_no)
                     log.requests.append(req)
                     self.submit(req)
-                    yield done
-                    if w.retention == "keep" and req.outcome == FINISHED and req.replica >= 0:
-                        held[conv_key] = (self.replicas[req.replica].pool, req.retain_key)
+                    last = yield done
+                    if w.retention == "keep" and last.outcome == FINISHED and last.replica >= 0:
+                        held[conv_key] = (self.replicas[last.replica].pool, last.retain_key)
                 else:                            # sub-agents: together, the parent waits for all of them
                     yield env.all_of([env.process(converse(c, log, True)) for c in item])
                     first = False

@@ -26,8 +26,9 @@ def _build(cfg, base_dir):
 
 def test_there_are_examples():
     names = {p.stem for p in EXAMPLES}
-    assert {"quickstart", "batch_jobs", "multi_model", "disaggregated", "autoscaling_diurnal"} <= names
-    assert {"batch_fill", "pd_ratio"} <= {p.stem for p in SWEEPS}
+    assert {"quickstart", "batch_jobs", "multi_model", "disaggregated", "autoscaling_diurnal",
+            "faults_crash"} <= names
+    assert {"batch_fill", "pd_ratio", "crash_spares"} <= {p.stem for p in SWEEPS}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(CONFIGS)))
