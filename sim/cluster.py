@@ -47,7 +47,7 @@ class Cluster:
         with closed-loop clients any completion may bring one, so the next event of any kind."""
         if self.counts_only:
             return math.inf
-        if self.decode_pool is not None:  # handoffs reach decode replicas between arrivals
+        if self.decode_pool is not None or self.clients is not None:  # handoffs and retries come between arrivals
             return self.env.peek()
         return self._next_arrival if self._next_arrival is not None else self.env.peek()
 
@@ -118,10 +118,10 @@ class Cluster:
         j = self.decode_router.route(req, pool, now)
         dst = pool[j] if pool[j].fits(req) is None else next(r for r in pool if r.fits(req) is None)
         t = self.transfer_s(req, src)
-        epoch = dst.epoch
+        epoch, src_epoch = dst.epoch, src.epoch
 
         def arrive(_ev):
-            if req.outcome:                     # failed on the way (its prefill replica crashed, or a timeout)
+            if req.outcome or src.epoch != src_epoch:   # failed on the way (a timeout), or its prefill replica crashed
                 if req in src.sending:
                     src.sent(req)
                 return

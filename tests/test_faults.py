@@ -243,3 +243,48 @@ def test_bad_fault_configs(tmp_path):
     raw["faults"] = {"events": [{"kind": "node_loss", "at_s": 1.0, "node": 3}]}
     with pytest.raises(ConfigError, match=r"faults.events\[0\].node: 3 is not a node of this fleet \(0..0"):
         run_raw(raw)
+
+
+@pytest.mark.parametrize("policy", ["timeout", "reroute"])
+def test_disaggregated_crashes_under_a_kv_reading_router_match_the_plain_path(policy):
+    # prefill and decode replicas crash while KV transfers are on their way; the router reads KV usage, which
+    # decode runs change: retries (arriving between trace arrivals) must bound the runs like arrivals do
+    raw = _roofline_faults(events=[{"kind": "crash", "at_s": 10.0, "replica": 0},
+                                   {"kind": "crash", "at_s": 20.0, "replica": 3}],
+                           restart={"load_gbps": 8.0, "engine_startup_s": 1.0}, in_flight=policy)
+    g = raw["fleet"]["replicas"][0]
+    raw["fleet"]["replicas"] = [{**g, "count": 2, "name": "p", "role": "prefill"},
+                                {**g, "count": 2, "name": "d", "role": "decode"}]
+    raw["disaggregation"] = {"bandwidth_gbps": 5.0}
+    raw["policies"] = {"routing": {"name": "least_kv"}}
+    raw["client"] = {"timeout_s": 5.0, "max_retries": 3, "backoff_s": 0.2}
+    runs = []
+    for fast in (True, False):
+        r = copy.deepcopy(raw)
+        r["sim"]["fast_decode"] = fast
+        runs.append(run_raw(r))
+    (res, a), (_, b) = runs
+    for col in ("replica", "first_scheduled_s", "first_token_s", "finish_s", "outcome", "attempt"):
+        assert a[col].equals(b[col]), col
+    assert [e["requests_lost"] > 0 for e in res.faults.events] == [True, True]
+    df = final_attempts(a)
+    assert sorted(df["origin"]) == list(range(1500)) and df["outcome"].isin(["finished", "failed"]).all()
+    assert (a["attempt"] > 0).any()
+    assert res.metrics.in_system == 0
+
+
+def test_retries_bound_decode_runs_when_the_router_reads_kv_state():
+    raw = _roofline_faults(events=[{"kind": "crash", "at_s": 8.0, "replica": 0},
+                                   {"kind": "crash", "at_s": 15.0, "replica": 1}],
+                           restart={"load_gbps": 8.0, "engine_startup_s": 1.0})
+    raw["policies"] = {"routing": {"name": "least_kv"}}
+    raw["client"] = {"timeout_s": 3.0, "max_retries": 3, "backoff_s": 0.1}
+    runs = []
+    for fast in (True, False):
+        r = copy.deepcopy(raw)
+        r["sim"]["fast_decode"] = fast
+        runs.append(run_raw(r)[1])
+    a, b = runs
+    assert (a["attempt"] > 0).sum() > 20
+    for col in ("replica", "first_scheduled_s", "finish_s", "outcome"):
+        assert a[col].equals(b[col]), col
