@@ -83,6 +83,13 @@ def explain(rep: dict) -> list[str]:
                            if v / total >= 0.005)
         out.append(f"Requests waited during {total:,.1f} busy seconds; what kept the queue's head out: {shares}.")
         out.append(_advice(top, rep))
+    fr = rep.get("faults")
+    if fr and fr["events"]:
+        worst = min(fr["events"], key=lambda e: e["slo_during"] if e["slo_during"] is not None else 1.0)
+        q = fr["requests"]
+        out.append(f"Faults: {len(fr['events'])} injected; the worst, {worst['kind']} at {worst['t']:,.0f} s, left "
+                   f"{_pct(worst['slo_during']) if worst['slo_during'] is not None else '-'} of requests in the "
+                   f"system within their SLO; {q['retried']:,} requests retried, {q['failed']:,} failed.")
     bj = rep.get("batch_jobs")
     if bj:                                   # the latency above is online traffic's; batch jobs run by deadline
         late = [n for n, j in bj["by_job"].items() if not j["met_deadline"]]
