@@ -87,6 +87,23 @@ class DecodeRun:
         m = min(int(np.searchsorted(self.ends[: self.n], t, side="left")), self.n)
         return int(self.used[m - 1]) if m else 0
 
+    def _register(self, pool, ends) -> None:
+        """Publish the blocks the run's tokens filled, as the plain path does at the end of each step (step by
+        step, running order within a step): request i's block fills in step s when ctx_i + s + 1 is a multiple
+        of the block size."""
+        bs, n = pool.block_size, self.n
+        ctx = np.fromiter((r.num_computed for r in self.reqs), np.int64, len(self.reqs))
+        steps = ((-ctx - 1) % bs)[:, None] + bs * np.arange(-(-n // bs))[None, :]
+        inside = steps < n
+        s_idx = steps[inside]
+        i_idx = np.broadcast_to(np.arange(len(self.reqs))[:, None], steps.shape)[inside]
+        order = np.lexsort((i_idx, s_idx))
+        reqs, end_t = self.reqs, ends.tolist()
+        for s, i in zip(s_idx[order].tolist(), i_idx[order].tolist()):
+            pool.now = end_t[s + 1]
+            c = reqs[i].num_computed + s + 1
+            pool.register_full_blocks(reqs[i], c - 1, c)
+
     def commit(self, replica) -> None:
         """Apply the run's n steps to the replica, its pool, its requests and the metrics."""
         n, ends, pool, metrics = self.n, self.ends, replica.pool, replica.metrics
@@ -108,6 +125,8 @@ class DecodeRun:
             if online:                                      # ITL is online traffic's (as the latency table)
                 metrics.itl.add_array(np.diff(ends[: n + 1]), online)
             metrics.on_tokens_array(ends[1 : n + 1], b, replica.index)
+        if n and pool.caching:
+            self._register(pool, ends)
         t = float(ends[n])
         pool.now = t
         for r in self.reqs:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
-from .request import Request, prompt_block_hashes
+from .request import Request, block_hashes
 
 
 REFETCH_WINDOW_S = 10.0    # an evicted block needed again this soon counts as thrashing (report anomalies)
@@ -58,7 +58,7 @@ class BlockPool:
         if not self.caching:
             return []
         if req.block_hashes is None:
-            req.block_hashes = prompt_block_hashes(req, self.block_size)
+            req.block_hashes = block_hashes(req, self.block_size)
         hits = []
         by_hash = self.by_hash
         for h in req.block_hashes[: max_tokens // self.block_size]:
@@ -82,11 +82,11 @@ class BlockPool:
         return tiers
 
     def register_full_blocks(self, req: Request, old_computed: int, new_computed: int) -> None:
-        """Publish the hashes of prompt blocks that became full, so later requests can share them."""
+        """Publish the hashes of blocks that became full, so later requests (or this one, recomputed) can share them."""
         if not self.caching:
             return
         if req.block_hashes is None:
-            req.block_hashes = prompt_block_hashes(req, self.block_size)
+            req.block_hashes = block_hashes(req, self.block_size)
         hashes = req.block_hashes
         lo = old_computed // self.block_size
         hi = min(new_computed // self.block_size, len(hashes))

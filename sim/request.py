@@ -88,15 +88,16 @@ class Request:
                 f"{self.output_tokens}, computed={self.num_computed}, blocks={len(self.blocks)})")
 
 
-def prompt_block_hashes(req: Request, block_size: int) -> list:
-    """Hashes of the request's full prompt blocks of `block_size` tokens.
+def block_hashes(req: Request, block_size: int) -> list:
+    """Hashes of the request's full blocks of `block_size` tokens, prompt and output alike: as vLLM hashes every
+    full block, so a request preempted and recomputed finds its generated tokens' blocks still cached.
 
     With trace block ids (already prefix-chained, as in Mooncake and kv-cache-tester), the engine
     block ending at token e is identified by the trace block holding token e-1 and e itself: equal
     prefixes give equal keys. Without ids, keys are private to the request, so only its own blocks
     are reused (after a recompute preemption), never another request's.
     """
-    n = req.prompt_tokens // block_size
+    n = req.total_tokens // block_size
     if req.prefix_ids is None:
         return [(-1 - req.id, j) for j in range(n)]
     tb, ids = req.prefix_block_size, req.prefix_ids
@@ -107,6 +108,6 @@ def prompt_block_hashes(req: Request, block_size: int) -> list:
         if k >= len(ids) or (k + 1) * tb > req.prompt_tokens:
             break  # only blocks inside full trace blocks are shareable
         out.append((ids[k], end))
-    # remaining full engine blocks of the prompt are private to the request
+    # the remaining full blocks (the prompt's rest, then its output) are private to the request
     out.extend((-1 - req.id, j) for j in range(len(out), n))
     return out
