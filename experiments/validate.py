@@ -74,19 +74,21 @@ def summarize_steps(df: pd.DataFrame) -> list[dict]:
     return out
 
 
-def plot_cdfs(real_df: pd.DataFrame, sim_df: pd.DataFrame, out: Path) -> Path:
+def plot_cdfs(real_df: pd.DataFrame, sim_df: pd.DataFrame, out: Path, real_label: str = "real (measured)",
+              sim_label: str = "sim (roofline)",
+              title: str = "servesim validate: measured backend vs roofline on this machine's profile") -> Path:
     import matplotlib.pyplot as plt
 
     from servesim.sim.plots import cdf, save
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, col in zip(axes, ("ttft_s", "tpot_s", "e2e_s")):
-        cdf(ax, real_df[col].to_numpy(dtype=float), "real (measured)")
-        cdf(ax, sim_df[col].to_numpy(dtype=float), "sim (roofline)", "--")
+        cdf(ax, real_df[col].to_numpy(dtype=float), real_label)
+        cdf(ax, sim_df[col].to_numpy(dtype=float), sim_label, "--")
         ax.set_xlabel(f"{col[:-2].upper()} (ms)")
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return save(fig, out / "validate_cdf.png", "servesim validate: measured backend vs roofline on this machine's profile")
+    return save(fig, out / "validate_cdf.png", title)
 
 
 def validate(cfg, base: Path | None, out: Path, recalibrate: bool = False) -> dict:

@@ -8,7 +8,8 @@ enable_prefix_caching, max_model_len, kv_cache_gib}, "seed": int, "requests": [{
 
 Output: {"vllm_version", "torch_version", "requests": [{"arrival_s", "sent_s", "token_times_s": [...]}] (times
 from the replay's start), and with calibrate, "calibration": the step-time points measured before the replay:
-decode batches of B sequences (median gap between tokens) and lone prompts of P tokens (time to first token)}.
+decode batches of B sequences and prompts of P tokens joining 4 decoding sequences (step times read off the
+token streams)}.
 The model has random weights (load_format dummy) and no tokenizer: prompts are token ids, outputs ignore EOS.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32)
+CALIBRATION_BATCHES = (1, 4, 16, 32)
+CALIBRATION_CONTEXTS = (32, 512)              # prompt tokens of the decoding sequences
 CALIBRATION_PROMPTS = (32, 128, 256, 512)
 
 
@@ -63,23 +65,40 @@ async def _replay(engine, spec: dict, rng: random.Random, vocab: int) -> list[di
     return list(await asyncio.gather(*(at(i, r) for i, r in enumerate(spec["requests"]))))
 
 
+PREFILL_DECODERS = 4
+
+
 async def _calibrate(engine, rng: random.Random, vocab: int) -> dict:
-    """Decode batches (B requests of 32-token prompts, 48 tokens each, together): the median gap between tokens
-    after the first 8; lone prompts of P tokens, 1 token out: the median of 3 TTFTs."""
+    """Step times, read off token streams:
+    - decode: B requests (32- or 512-token prompts) decoding together: the median gap between their tokens
+      (after 8);
+    - prefill: while PREFILL_DECODERS requests decode, a prompt of P tokens arrives: the step that carries it is
+      the longest gap in the decoders' streams while it waits for its first token (median of 3). A lone
+      request's TTFT would add the engine's per-request front-end time, which is not a step."""
     decode, prefill = [], []
-    for b in CALIBRATION_BATCHES:
-        t0 = time.perf_counter()
-        recs = await asyncio.gather(*(_one(engine, f"cd{b}-{k}", [rng.randrange(10, vocab) for _ in range(32)], 48, t0)
-                                      for k in range(b)))
-        gaps = [y - x for r in recs for x, y in zip(r["token_times_s"][8:], r["token_times_s"][9:])]
-        decode.append({"batch": b, "context": 32 + 28, "step_s": statistics.median(gaps)})
+    for ctx in CALIBRATION_CONTEXTS:
+        for b in CALIBRATION_BATCHES:
+            t0 = time.perf_counter()
+            recs = await asyncio.gather(*(_one(engine, f"cd{ctx}-{b}-{k}", [rng.randrange(10, vocab) for _ in range(ctx)],
+                                               48, t0) for k in range(b)))
+            gaps = [y - x for r in recs for x, y in zip(r["token_times_s"][8:], r["token_times_s"][9:])]
+            decode.append({"batch": b, "context": ctx + 28, "step_s": statistics.median(gaps)})
     for p in CALIBRATION_PROMPTS:
-        ttfts = []
+        steps = []
         for k in range(3):
             t0 = time.perf_counter()
+            bg = [asyncio.create_task(_one(engine, f"cb{p}-{k}-{j}", [rng.randrange(10, vocab) for _ in range(32)],
+                                           60, t0)) for j in range(PREFILL_DECODERS)]
+            await asyncio.sleep(0.3)                  # the decoders are past their prompts
             r = await _one(engine, f"cp{p}-{k}", [rng.randrange(10, vocab) for _ in range(p)], 1, t0)
-            ttfts.append(r["token_times_s"][0] - r["sent_s"])
-        prefill.append({"prompt": p, "step_s": statistics.median(ttfts)})
+            lo, hi = r["sent_s"], r["token_times_s"][0]
+            recs = await asyncio.gather(*bg)
+            gaps = [y - x for rec in recs for x, y in zip(rec["token_times_s"], rec["token_times_s"][1:])
+                    if lo < y <= hi + 1e-3]
+            if gaps:
+                steps.append(max(gaps))
+        prefill.append({"prompt": p, "decodes": PREFILL_DECODERS, "decode_context": 32 + 30,
+                        "step_s": statistics.median(steps)})
     return {"decode": decode, "prefill": prefill}
 
 

