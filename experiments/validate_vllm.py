@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from servesim.sim.config import LinearPerf
+from servesim.sim.config import LinearPerf, RooflinePerf
 from servesim.sim.errors import ConfigError, ServesimError
 
 from .validate import METRICS, _metric, plot_cdfs
@@ -59,6 +59,63 @@ def fit_linear(cal: dict) -> dict:
     pred = a @ coef
     return {"base_s": float(coef[0]), "per_prefill_token_s": float(coef[1]), "per_decode_seq_s": float(coef[2]),
             "per_context_token_s": float(coef[3]), "fit_median_abs_rel_err": float(np.median(np.abs(pred / y - 1)))}
+
+
+DEVICE = "local-cpu-vllm"
+
+
+def _shapes(cal: dict) -> tuple[list, np.ndarray]:
+    from servesim.hwmodels.step_time import BatchShape
+    shapes = [BatchShape(decode_cached=[d["context"]] * d["batch"], num_sampled=d["batch"]) for d in cal["decode"]]
+    shapes += [BatchShape(prefill_new=[p["prompt"]], prefill_cached=[0], decode_cached=[p["decode_context"]] * p["decodes"],
+                          num_sampled=p["decodes"] + 1) for p in cal["prefill"]]
+    return shapes, np.array([d["step_s"] for d in cal["decode"]] + [p["step_s"] for p in cal["prefill"]])
+
+
+def _device(peak: float, bw: float):
+    from servesim.hwmodels.catalog import GPU
+    return GPU(name=DEVICE, memory_bytes=16 * 1024**3, mem_bw=bw, bf16_flops=peak, fp8_flops=None, link_bw=None,
+               usd_per_hour=None, compute_efficiency=1.0, memory_efficiency=1.0, kernel_floor_s=1e-6,
+               source="fitted by servesim validate --backend vllm to vLLM's calibration steps", fp32_flops=peak)
+
+
+def fit_roofline(cal: dict, model) -> dict:
+    """A device profile for this CPU as vLLM drives it: the roofline model's peak FLOP/s and per-step overhead
+    fitted (least squares on log step times) to the calibration steps; the bandwidth is the measured copy
+    bandwidth (a model this small does not pin it down). Op classes keep the catalog's default efficiencies."""
+    from scipy.optimize import least_squares
+
+    from servesim.hwmodels.roofline import RooflineModel
+    shapes, y = _shapes(cal)
+
+    bw = float(cal["copy_bytes_per_s"])
+
+    def predict(theta):
+        m = RooflineModel(model, _device(np.exp(theta[0]), bw), dtype="fp32", kv_dtype="fp32",
+                          overhead_s=np.exp(theta[1]))
+        return np.array([m.step_time(b).seconds for b in shapes])
+    res = least_squares(lambda th: np.log(predict(th)) - np.log(y), x0=np.log([1e11, 5e-3]))
+    peak, over = (float(v) for v in np.exp(res.x))
+    return {"peak_flops": peak, "mem_bw": bw, "overhead_s": over,
+            "fit_median_abs_rel_err": float(np.median(np.abs(predict(res.x) / y - 1)))}
+
+
+def write_device(fit: dict) -> Path:
+    """The fitted device as a profile (like servesim calibrate's), so `gpu: local-cpu-vllm` prices with it."""
+    import yaml
+
+    from servesim.hwmodels.catalog import _get_gpu, _profile_documents, user_profile_dir
+    path = user_profile_dir() / f"{DEVICE}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"source": "servesim validate --backend vllm", "devices": {DEVICE: {
+        "memory_gb": 16.0, "mem_bw_tbps": fit["mem_bw"] / 1e12, "bf16_tflops": fit["peak_flops"] / 1e12,
+        "fp32_tflops": fit["peak_flops"] / 1e12, "compute_efficiency": 1.0, "memory_efficiency": 1.0,
+        "kernel_floor_us": 1.0, "usd_per_hour": None,
+        "source": "fitted by servesim validate --backend vllm to vLLM's calibration steps on this machine"}}, "gpus": {}}
+    path.write_text("# Device profile written by servesim validate --backend vllm.\n" + yaml.safe_dump(doc, sort_keys=False))
+    _profile_documents.cache_clear()
+    _get_gpu.cache_clear()
+    return path
 
 
 def real_table(doc: dict, output_tokens: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
@@ -142,23 +199,32 @@ def validate_vllm(cfg, base: Path | None, out: Path, python: Path | None = None,
     fit = fit_linear(doc["calibration"])
     real_df, gaps = real_table(doc, w.output)
     real_df.to_csv(out / "real_requests.csv", index=False)
-    sim_cfg = cfg.model_copy(deep=True)
-    sim_cfg.fleet.replicas[0].perf_model = LinearPerf(name="linear", base_s=fit["base_s"],
+    lin_cfg = cfg.model_copy(deep=True)
+    lin_cfg.fleet.replicas[0].perf_model = LinearPerf(name="linear", base_s=fit["base_s"],
                                                       per_prefill_token_s=fit["per_prefill_token_s"],
                                                       per_decode_seq_s=fit["per_decode_seq_s"],
                                                       per_context_token_s=fit["per_context_token_s"])
-    sim = simulate(sim_cfg, base)
+    sim = simulate(lin_cfg, base)
     rep_sim = write_outputs(sim, out / "sim", plots=False)
+    roof = fit_roofline(doc["calibration"], model)
+    write_device(roof)
+    roof_cfg = cfg.model_copy(deep=True)
+    g = roof_cfg.fleet.replicas[0]
+    g.gpu, g.dtype, g.kv_cache_dtype, g.perf_model = DEVICE, "fp32", "fp32", RooflinePerf()
+    g.engine.scheduler_overhead_ms = roof["overhead_s"] * 1000
+    roof_cfg.cost.usd_per_gpu_hour[DEVICE] = 0.1
+    rep_roof = write_outputs(simulate(roof_cfg, base), out / "sim_roofline", plots=False)
     real = real_metrics(real_df)
     real["itl_p50"], real["itl_p99"] = (float(np.percentile(gaps, p) * 1000) for p in (50, 99))
     paths = {**METRICS, "itl_p50": ("latency_ms", "itl", "p50"), "itl_p99": ("latency_ms", "itl", "p99")}
     metrics = {}
     for name, path in paths.items():
-        s, r = _metric(rep_sim, path), real[name]
-        metrics[name] = {"sim": s, "real": r, "rel_err": s / r - 1 if r else None}
+        s, r, sr = _metric(rep_sim, path), real[name], _metric(rep_roof, path)
+        metrics[name] = {"sim": s, "real": r, "rel_err": s / r - 1 if r else None,
+                         "sim_roofline": sr, "rel_err_roofline": sr / r - 1 if r else None}
     result = {"config": cfg.name, "seed": cfg.seed, "backend": "vllm", "vllm_version": doc["vllm_version"],
               "torch_version": doc["torch_version"], "python": sys.version.split()[0], "metrics": metrics,
-              "calibration": {"points": doc["calibration"], "linear_fit": fit},
+              "calibration": {"points": doc["calibration"], "linear_fit": fit, "roofline_fit": roof},
               "requests": int(len(real_df))}
     (out / "validate.json").write_text(json.dumps(result, indent=2))
     result["plot"] = str(plot_cdfs(real_df, request_table(sim), out, f"vLLM {doc['vllm_version']} (CPU)",
@@ -167,10 +233,15 @@ def validate_vllm(cfg, base: Path | None, out: Path, python: Path | None = None,
 
 
 def format_table(doc: dict) -> str:
-    lines = [f"vLLM {doc['vllm_version']} (CPU) vs servesim (linear step model fitted to vLLM's calibration steps)",
-             f"{'metric':22s} {'real':>12s} {'sim':>12s} {'rel_err':>9s}"]
+    lines = [f"vLLM {doc['vllm_version']} (CPU) vs servesim: linear step model and roofline on a device profile, "
+             "each fitted to vLLM's calibration steps",
+             f"{'metric':22s} {'real':>10s} {'linear':>10s} {'rel_err':>8s} {'roofline':>10s} {'rel_err':>8s}"]
     for name, v in doc["metrics"].items():
-        lines.append(f"{name:22s} {v['real']:12.3f} {v['sim']:12.3f} {100 * v['rel_err']:+8.1f}%")
+        lines.append(f"{name:22s} {v['real']:10.3f} {v['sim']:10.3f} {100 * v['rel_err']:+7.1f}% "
+                     f"{v['sim_roofline']:10.3f} {100 * v['rel_err_roofline']:+7.1f}%")
+    r = doc["calibration"]["roofline_fit"]
+    lines.append(f"roofline profile: {r['peak_flops'] / 1e9:.1f} GFLOP/s, {r['mem_bw'] / 1e9:.1f} GB/s, "
+                 f"{1000 * r['overhead_s']:.2f} ms per step (median fit error {100 * r['fit_median_abs_rel_err']:.1f}%)")
     f = doc["calibration"]["linear_fit"]
     lines.append(f"fit: base {1000 * f['base_s']:.3f} ms + {1e6 * f['per_prefill_token_s']:.2f} us per prompt token + "
                  f"{1e6 * f['per_decode_seq_s']:.1f} us per decode sequence + {1e9 * f['per_context_token_s']:.1f} ns "

@@ -9,7 +9,7 @@ enable_prefix_caching, max_model_len, kv_cache_gib}, "seed": int, "requests": [{
 Output: {"vllm_version", "torch_version", "requests": [{"arrival_s", "sent_s", "token_times_s": [...]}] (times
 from the replay's start), and with calibrate, "calibration": the step-time points measured before the replay:
 decode batches of B sequences and prompts of P tokens joining 4 decoding sequences (step times read off the
-token streams)}.
+token streams), and the memory bandwidth a large copy sees}.
 The model has random weights (load_format dummy) and no tokenizer: prompts are token ids, outputs ignore EOS.
 """
 from __future__ import annotations
@@ -99,7 +99,21 @@ async def _calibrate(engine, rng: random.Random, vocab: int) -> dict:
                 steps.append(max(gaps))
         prefill.append({"prompt": p, "decodes": PREFILL_DECODERS, "decode_context": 32 + 30,
                         "step_s": statistics.median(steps)})
-    return {"decode": decode, "prefill": prefill}
+    return {"decode": decode, "prefill": prefill, "copy_bytes_per_s": _copy_bandwidth()}
+
+
+def _copy_bandwidth() -> float:
+    """This machine's memory bandwidth as a large copy sees it (read + write), best of 5: the roofline profile's
+    bandwidth, which the small model's steps are too compute- and overhead-bound to pin down."""
+    import numpy as np
+    a = np.ones(32 * 1024 * 1024, dtype=np.float32)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.nbytes / best
 
 
 async def _main(spec: dict, model_dir: str) -> dict:
