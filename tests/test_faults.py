@@ -288,3 +288,28 @@ def test_retries_bound_decode_runs_when_the_router_reads_kv_state():
     assert (a["attempt"] > 0).sum() > 20
     for col in ("replica", "first_scheduled_s", "finish_s", "outcome"):
         assert a[col].equals(b[col]), col
+
+
+def test_crashes_with_pipeline_parallel_swap_and_batch_jobs_lose_nothing():
+    # pipeline parallel replicas (micro-batches in flight when they crash), swap preemption, and a batch job
+    # whose lost requests go back to its queue: every request still ends exactly once
+    raw = _roofline_faults(events=[{"kind": "crash", "at_s": 6.0, "replica": 0},
+                                   {"kind": "crash", "at_s": 12.0, "replica": 1}],
+                           restart={"load_gbps": 8.0, "engine_startup_s": 1.0})
+    g = raw["fleet"]["replicas"][0]
+    g["pipeline_parallel_size"] = 2
+    g["engine"]["preemption_mode"] = "swap"
+    online = raw["workload"]
+    online["num_requests"] = 600
+    raw["workload"] = {"kind": "mix", "parts": [online, {"kind": "batch", "jobs": [
+        {"name": "j", "submit_s": 2.0, "deadline_s": 100.0, "num_requests": 200,
+         "lengths": {"kind": "independent", "input": {"dist": "fixed", "value": 300},
+                     "output": {"dist": "fixed", "value": 100}}}]}]}
+    res, attempts = run_raw(raw)
+    df = final_attempts(attempts)
+    assert len(df) == 800 and sorted(df["origin"]) == list(range(800))
+    assert df["outcome"].isin(["finished", "failed"]).all()
+    batch = df[df["job"] == "j"]
+    assert (batch["outcome"] == "finished").all()                      # lost batch work was re-queued
+    assert (attempts.loc[attempts["job"] == "j", "attempt"] > 0).any()
+    assert res.metrics.in_system == 0
