@@ -43,7 +43,9 @@ def run(config: Path = typer.Argument(..., help="YAML config file"),
                                         "preemption and eviction decision (decisions.jsonl.gz) and the routing regret"),
         regret_samples: int = typer.Option(20, "--regret-samples", help="routing decisions re-simulated for regret "
                                            "(with --trace-level decisions; 0: none)"),
-        lookahead_s: float = typer.Option(30.0, "--lookahead", help="regret look-ahead window, simulated seconds")):
+        lookahead_s: float = typer.Option(30.0, "--lookahead", help="regret look-ahead window, simulated seconds"),
+        ci: Optional[str] = typer.Option(None, "--ci", help="on or off: confidence intervals in the report "
+                                         "(default: the config's output.ci, on)")):
     """Simulate a config and write report.json, requests.csv, summary.md and plots. Given a sweep file (a
     comparison: base + grid), run it as `servesim sweep` does and write its comparison plot."""
     from .config import load_config, load_raw
@@ -71,7 +73,11 @@ def run(config: Path = typer.Argument(..., help="YAML config file"),
         from .errors import ConfigError
         raise ConfigError("--regret-samples must be >= 0 and --lookahead > 0")
     decisions = trace_level == "decisions"
-    overrides = list(set_) + ([f"seed={seed}"] if seed is not None else [])
+    if ci not in (None, "on", "off"):
+        from .errors import ConfigError
+        raise ConfigError(f"--ci: {ci!r} is not one of on, off")
+    overrides = list(set_) + ([f"seed={seed}"] if seed is not None else []) + \
+        ([f"output.ci={'true' if ci == 'on' else 'false'}"] if ci else [])
     cfg, base = load_config(config, overrides)
     out = out or Path("runs") / cfg.name
     show = not quiet and sys.stderr.isatty()

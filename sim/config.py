@@ -436,6 +436,9 @@ class SLOClass(Strict):
     e2e_ms: Optional[PositiveFloat] = None
     priority: Optional[int] = Field(None, description="importance, lower first: what the report's priority-inversion "
                                                        "check holds the run to (else the priority policy's map)")
+    attainment_target: Optional[float] = Field(None, gt=0, le=1, description="share of requests that must meet the "
+                                               "targets: the report's verdict is met, missed or uncertain (its "
+                                               "interval straddles this)")
 
 
 class SLO(Strict):
@@ -450,6 +453,8 @@ class Cost(Strict):
 class Output(Strict):
     sample_interval_s: PositiveFloat = 1.0
     plots: bool = True
+    ci: bool = Field(True, description="95% confidence intervals (sectioning, sim/intervals.py) next to latency "
+                                       "statistics and SLO attainment, and SLO verdicts")
 
 
 class SimOptions(Strict):

@@ -13,6 +13,7 @@ from .anomalies import find_anomalies
 from .attribution import add_request_parts, attribution_report
 from .batch_jobs import job_table, jobs_report
 from .fault_report import faults_report
+from .intervals import LEVEL, SECTIONS, latency_intervals, share_interval, verdict
 from .decisions import decisions_report
 from .request import FAILED, FINISHED, REJECTED
 
@@ -218,6 +219,8 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
     online = df[df["job"] == ""]            # latency and SLOs are online traffic's; batch jobs have deadlines
     latency = {k: _stats_ms(online[c]) for k, c in (("ttft", "ttft_s"), ("tpot", "tpot_s"), ("e2e", "e2e_s"),
                                                        ("queue", "queue_s"))}
+    if cfg.output.ci:
+        latency_intervals(online, latency, PCTS, {"ttft": "ttft_s", "tpot": "tpot_s", "e2e": "e2e_s", "queue": "queue_s"})
     latency["itl"] = {"mean": itl.mean() * 1000 if itl.n else None,
                       **{f"p{p}": (itl.quantile(p / 100) * 1000 if itl.n else None) for p in PCTS}}
     classes, met_total = {}, 0
@@ -229,7 +232,14 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
         classes[name] = {"requests": int(len(sub)), "met": met,
                          "attainment": met / len(sub) if len(sub) else None,
                          "goodput_requests_per_s": met / duration,
-                         "targets_ms": slo.model_dump(exclude={"priority"})}
+                         "targets_ms": slo.model_dump(exclude={"priority", "attainment_target"})}
+        if cfg.output.ci:
+            c = classes[name]
+            ordered = met_by_request[sub.sort_values("arrival_s", kind="stable").index].to_numpy(bool)
+            c["attainment_ci"] = share_interval(c["attainment"], ordered)
+            if slo.attainment_target is not None:
+                c["attainment_target"] = slo.attainment_target
+                c["verdict"] = verdict(c["attainment_ci"], c["attainment"], slo.attainment_target)
     gpus = sum(r.num_gpus for r in result.replicas)
     gpu_hours = sum(r.num_gpus * paid_s(result, r, duration) for r in result.replicas) / 3600.0
     usd = sum(r.num_gpus * r.usd_per_gpu_hour * paid_s(result, r, duration) for r in result.replicas) / 3600.0
@@ -259,7 +269,12 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
             "total_tokens_per_s": (out_tok + in_tok) / duration,
         },
         "slo": {"attainment": met_total / len(online) if len(online) else None,
+                **({"attainment_ci": share_interval(met_total / len(online) if len(online) else None,
+                                                    met_by_request[online.sort_values("arrival_s", kind="stable").index]
+                                                    .to_numpy(bool))} if cfg.output.ci else {}),
                 "goodput_requests_per_s": met_total / duration, "classes": classes},
+        **({"ci": {"method": "sectioning", "sections": SECTIONS, "level": LEVEL,
+                   "covers": "workload randomness (not the step-time model's error)"}} if cfg.output.ci else {}),
         "tenants": {t: _tenant(sub, met_by_request[sub.index], duration) for t, sub in df.groupby("tenant", sort=True)},
         "cost": {"gpus": gpus, "gpu_hours": gpu_hours, "usd": usd,
                  "usd_per_1m_output_tokens": usd / out_tok * 1e6 if out_tok else None,
@@ -313,6 +328,10 @@ def _fmt(v, unit=""):
     return f"{v:,.1f}{unit}" if abs(v) >= 10 else f"{v:,.3g}{unit}"
 
 
+def _ci(iv) -> str:
+    return f" [{_fmt(iv[0])}, {_fmt(iv[1])}]" if iv else ""
+
+
 def _slice_row(name: str, tn: dict) -> str:
     att = tn["slo_attainment"]
     return (f"| {name} | {tn['requests']} | {tn['finished']} | {tn['rejected']} | "
@@ -331,7 +350,11 @@ def summary_markdown(rep: dict) -> str:
     L += ["| latency (ms) | mean | p50 | p90 | p95 | p99 |", "|---|---:|---:|---:|---:|---:|"]
     for k in ("ttft", "tpot", "itl", "e2e", "queue"):
         s = rep["latency_ms"][k]
-        L.append(f"| {k.upper()} | " + " | ".join(_fmt(s[c]) for c in ("mean", "p50", "p90", "p95", "p99")) + " |")
+        L.append(f"| {k.upper()} | " + " | ".join(_fmt(s[c]) + _ci(s.get(f"{c}_ci"))
+                                                  for c in ("mean", "p50", "p90", "p95", "p99")) + " |")
+    if "ci" in rep:
+        L += ["", f"[low, high]: {100 * rep['ci']['level']:.0f}% intervals from workload randomness "
+                  f"({rep['ci']['sections']} sections of the run; the step-time model's error is not in them)."]
     t, c, u, s = rep["throughput"], rep["cost"], rep["utilization"], rep["slo"]
     L += ["", "| metric | value |", "|---|---:|",
           f"| throughput | {_fmt(t['requests_per_s'])} req/s, {_fmt(t['output_tokens_per_s'])} output tok/s, "
@@ -348,7 +371,10 @@ def summary_markdown(rep: dict) -> str:
     for name, cl in s["classes"].items():
         tg = ", ".join(f"{k} <= {v:g}" for k, v in cl["targets_ms"].items() if v is not None) or "no targets"
         att = _fmt(100 * cl["attainment"]) if cl["attainment"] is not None else "-"
-        L.append(f"- SLO class `{name}` ({tg}): {cl['met']}/{cl['requests']} met ({att} %)")
+        iv = cl.get("attainment_ci")
+        att += f" % [{_fmt(100 * iv[0])}, {_fmt(100 * iv[1])}]" if iv else " %"
+        v = f"; target {_fmt(100 * cl['attainment_target'])} %: **{cl['verdict']}**" if "verdict" in cl else ""
+        L.append(f"- SLO class `{name}` ({tg}): {cl['met']}/{cl['requests']} met ({att}){v}")
     if len(rep["tenants"]) > 1:
         L += ["", "| tenant | requests | finished | rejected | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | output tok/s "
                   "| SLO attainment |", "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -1,0 +1,71 @@
+"""Confidence intervals for a run's statistics from workload randomness, by sectioning (Asmussen & Glynn,
+"Stochastic Simulation", 2007, III.5): the requests, in arrival order, are cut into K sections of equal count;
+the statistic is computed on each, and the interval is the whole run's value +- t(K-1) x sd(sections) / sqrt(K).
+It needs no extra runs; sections much longer than the system's memory (queue relaxation) make them nearly
+independent, which long runs give. Short runs get wide intervals, as they should.
+
+Model error (the step-time model's own residuals) is not in these intervals yet.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+SECTIONS = 10
+LEVEL = 0.95
+MIN_PER_SECTION = 5       # fewer requests per section: no interval
+
+
+def sections(n: int, k: int = SECTIONS) -> list[np.ndarray] | None:
+    """Index arrays of k contiguous sections of n items of (nearly) equal count; None when too few."""
+    if n < k * MIN_PER_SECTION:
+        return None
+    return np.array_split(np.arange(n), k)
+
+
+def interval(point: float | None, per_section: list[float], level: float = LEVEL) -> list | None:
+    """[low, high] around the whole run's value, from the spread of the sections' values."""
+    vals = np.array([v for v in per_section if v is not None and v == v], dtype=float)
+    if point is None or point != point or len(vals) < 2:
+        return None
+    half = stats.t.ppf(0.5 + level / 2, len(vals) - 1) * vals.std(ddof=1) / np.sqrt(len(vals))
+    return [float(point - half), float(point + half)]
+
+
+def latency_intervals(online: pd.DataFrame, latency: dict, pcts, cols: dict) -> None:
+    """Adds `<stat>_ci` next to each latency statistic (mean, pNN) of the report, in ms."""
+    df = online.sort_values("arrival_s", kind="stable")
+    parts = sections(len(df))
+    if parts is None:
+        return
+    for name, col in cols.items():
+        x = df[col].to_numpy(float)
+        secs = [x[p][~np.isnan(x[p])] for p in parts]
+        st = latency[name]
+        st["mean_ci"] = interval(st["mean"], [s.mean() * 1000 if s.size else None for s in secs])
+        for p in pcts:
+            st[f"p{p}_ci"] = interval(st[f"p{p}"], [float(np.percentile(s, p)) * 1000 if s.size else None
+                                                   for s in secs])
+
+
+def share_interval(point: float | None, met: np.ndarray) -> list | None:
+    """The interval of a share (SLO attainment) from its sections, clipped to [0, 1]."""
+    parts = sections(len(met))
+    if parts is None:
+        return None
+    iv = interval(point, [float(met[p].mean()) for p in parts])
+    return None if iv is None else [max(iv[0], 0.0), min(iv[1], 1.0)]
+
+
+def verdict(ci: list | None, point: float | None, target: float) -> str:
+    """met / missed when the whole interval is on one side of the target (at least / below it); uncertain when
+    it straddles it. Without an interval, the point decides."""
+    if point is None:
+        return "uncertain"
+    lo, hi = ci if ci is not None else (point, point)
+    if lo >= target:
+        return "met"
+    if hi < target:
+        return "missed"
+    return "uncertain"
