@@ -35,14 +35,18 @@ def test_report_has_every_documented_key(run, tmp_path):
     for section, keys in REQUIRED.items():
         for k in keys:
             assert k in rep[section], f"{section}.{k}"
-    for m in ("ttft", "tpot", "itl", "e2e"):
-        assert set(rep["latency_ms"][m]) == {"mean", "p50", "p90", "p95", "p99"}
+    stats = {"mean", "p50", "p90", "p95", "p99"}
+    for m in ("ttft", "tpot", "e2e"):                  # each with its interval (sim/intervals.py)
+        assert set(rep["latency_ms"][m]) == stats | {f"{k}_ci" for k in stats}
+    assert set(rep["latency_ms"]["itl"]) == stats
     for f in ("requests.csv", "timeseries.csv", "summary.md", "latency_cdf.png", "throughput_queue.png", "kv_usage.png"):
         assert (tmp_path / f).stat().st_size > 0
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "src='http" not in page      # self-contained
-    from servesim.sim.report import _fmt
-    assert f"<tr><td>TTFT</td><td>{_fmt(rep['latency_ms']['ttft']['mean'])}</td><td>{_fmt(rep['latency_ms']['ttft']['p50'])}</td>" in page
+    from servesim.sim.report import _ci, _fmt
+    t = rep["latency_ms"]["ttft"]
+    assert (f"<tr><td>TTFT</td><td>{_fmt(t['mean'])}{_ci(t['mean_ci'])}</td><td>{_fmt(t['p50'])}{_ci(t['p50_ci'])}</td>"
+            in page)
 
 
 def test_slo_attainment_and_cost_arithmetic(run):
