@@ -5,6 +5,7 @@ A plan file:
     base: quickstart.yaml            # optional: policies, cost, sim, output... (and a default workload)
     workload: {...}                  # the workload section (else the base's)
     targets: {attainment: 0.99, ttft_ms: 2000, tpot_ms: 50}     # e2e_ms too; at least one latency
+    # targets.confidence: 0.95 -> the attainment's one-sided 95% lower bound must reach it, not the point value
     max_replicas: 64
     candidates:                      # replica groups without `count`, as under fleet.replicas
       - {name: h100-tp1, gpu: H100-SXM, model: meta-llama/Llama-3.1-8B}
@@ -39,6 +40,9 @@ class Targets(_Strict):
     ttft_ms: Optional[float] = Field(None, gt=0)
     tpot_ms: Optional[float] = Field(None, gt=0)
     e2e_ms: Optional[float] = Field(None, gt=0)
+    confidence: Optional[float] = Field(None, gt=0.5, lt=1, description="meet the attainment with this confidence: "
+                                        "the one-sided lower bound of its interval (sim/intervals.py), not the point "
+                                        "value, must reach it")
 
     @model_validator(mode="after")
     def _some_latency(self):
@@ -86,7 +90,7 @@ def load_plan(path: Path, rate_scale: float = 1.0, prompt_scale: float = 1.0,
         w.update(kind="trace", path=trace)
     _what_if(w, rate_scale, prompt_scale, path)
     slo = base.setdefault("slo", {}).setdefault("classes", {})
-    slo[w.get("slo_class", "default")] = spec.targets.model_dump(exclude={"attainment"}, exclude_none=True)
+    slo[w.get("slo_class", "default")] = spec.targets.model_dump(exclude={"attainment", "confidence"}, exclude_none=True)
     configs = []
     for c in spec.candidates:
         raw_c = copy.deepcopy(base)
@@ -114,20 +118,30 @@ def _what_if(w: dict, rate_scale: float, prompt_scale: float, path) -> None:
             raise ConfigError(f"{path}: --prompt-scale works on trace workloads (synthetic: change the input lengths)")
 
 
-def evaluate(raw: dict, base_dir: str, count: int) -> dict:
-    """Simulate the candidate with `count` replicas; the numbers the plan table and plot need."""
-    from servesim.sim.report import build_report
+def evaluate(raw: dict, base_dir: str, count: int, confidence: Optional[float] = None) -> dict:
+    """Simulate the candidate with `count` replicas; the numbers the plan table and plot need. With a confidence,
+    also the one-sided lower bound of the SLO attainment at it (`attainment_low`)."""
+    from servesim.sim.intervals import share_interval
+    from servesim.sim.report import build_report, final_attempts, request_table, slo_met
     from servesim.sim.run import simulate
 
     raw = copy.deepcopy(raw)
     raw["fleet"]["replicas"][0]["count"] = count
-    rep = build_report(simulate(parse_config(raw), Path(base_dir)))
+    result = simulate(parse_config(raw), Path(base_dir))
+    df = final_attempts(request_table(result))
+    rep = build_report(result, df)
     c = rep["cost"]
     hours = c["gpu_hours"] / c["gpus"] if c["gpus"] else 0.0
-    return {"replicas": count, "gpus": c["gpus"], "usd_per_hour": c["usd"] / hours if hours else 0.0,
-            "usd_per_1m_output_tokens": c["usd_per_1m_output_tokens"], "attainment": rep["slo"]["attainment"] or 0.0,
-            "ttft_p99_ms": rep["latency_ms"]["ttft"]["p99"], "tpot_p99_ms": rep["latency_ms"]["tpot"]["p99"],
-            "e2e_p99_ms": rep["latency_ms"]["e2e"]["p99"], "rejected": rep["requests"]["rejected"]}
+    out = {"replicas": count, "gpus": c["gpus"], "usd_per_hour": c["usd"] / hours if hours else 0.0,
+           "usd_per_1m_output_tokens": c["usd_per_1m_output_tokens"], "attainment": rep["slo"]["attainment"] or 0.0,
+           "ttft_p99_ms": rep["latency_ms"]["ttft"]["p99"], "tpot_p99_ms": rep["latency_ms"]["tpot"]["p99"],
+           "e2e_p99_ms": rep["latency_ms"]["e2e"]["p99"], "rejected": rep["requests"]["rejected"]}
+    if confidence is not None:
+        online = df[df["job"] == ""].sort_values("arrival_s", kind="stable")
+        met = slo_met(df, result.config)[online.index].to_numpy(bool)
+        iv = share_interval(out["attainment"], met, level=2 * confidence - 1)   # its low end: one-sided
+        out["attainment_low"] = iv[0] if iv is not None else out["attainment"]
+    return out
 
 
 def search(meets, max_n: int) -> tuple[Optional[int], list[int]]:
@@ -162,8 +176,9 @@ def plan_candidate(raw: dict, base_dir: str, targets: dict, max_n: int) -> tuple
     t = Targets(**targets)
 
     def meets(n):
-        evals[n] = evaluate(raw, base_dir, n)
-        evals[n]["meets"] = evals[n]["attainment"] >= t.attainment
+        evals[n] = evaluate(raw, base_dir, n, t.confidence)
+        judged = evals[n]["attainment"] if t.confidence is None else evals[n]["attainment_low"]
+        evals[n]["meets"] = judged >= t.attainment
         return evals[n]["meets"]
     n, tried = search(meets, max_n)
     return n, [evals[k] for k in tried]

@@ -49,12 +49,12 @@ def latency_intervals(online: pd.DataFrame, latency: dict, pcts, cols: dict) -> 
                                                    for s in secs])
 
 
-def share_interval(point: float | None, met: np.ndarray) -> list | None:
+def share_interval(point: float | None, met: np.ndarray, level: float = LEVEL) -> list | None:
     """The interval of a share (SLO attainment) from its sections, clipped to [0, 1]."""
     parts = sections(len(met))
     if parts is None:
         return None
-    iv = interval(point, [float(met[p].mean()) for p in parts])
+    iv = interval(point, [float(met[p].mean()) for p in parts], level)
     return None if iv is None else [max(iv[0], 0.0), min(iv[1], 1.0)]
 
 

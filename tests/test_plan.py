@@ -85,3 +85,18 @@ def test_pareto_front_keeps_only_undominated_fleets_that_meet_the_targets():
     df = pd.DataFrame({"usd_per_hour": [1, 2, 2, 3, 4, 0.5], "ttft_p99_ms": [900, 500, 700, 600, 100, 50],
                        "meets": [True, True, True, True, True, False]})
     assert list(pareto_front(df).index) == [0, 1, 4]
+
+
+def test_a_stated_confidence_asks_the_attainments_lower_bound_to_meet_the_target(tmp_path):
+    plan = dict(PLAN, candidates=PLAN["candidates"][:1])
+    point, _ = run_plan(_write(tmp_path, plan), tmp_path / "a", jobs=1)
+    sure = dict(plan, targets={**PLAN["targets"], "confidence": 0.95})
+    conf, evaluated = run_plan(_write(tmp_path, sure), tmp_path / "b", jobs=1)
+    # 2 H100s reach 97% attainment (the point value meets 95%) but its 95% lower bound is 94.1%: 3 are needed
+    assert (point.loc[0, "replicas"], conf.loc[0, "replicas"]) == (2, 3)
+    # every fleet judged by its lower bound: meets exactly when attainment_low >= the target, and the bound is
+    # below the point value
+    assert (evaluated["meets"] == (evaluated["attainment_low"] >= 0.95)).all()
+    assert (evaluated["attainment_low"] <= evaluated["attainment"] + 1e-12).all()
+    two = evaluated[evaluated["replicas"] == 2].iloc[0]
+    assert two["attainment"] == pytest.approx(0.97) and two["attainment_low"] < 0.95 and not two["meets"]
