@@ -49,6 +49,17 @@ def latency_intervals(online: pd.DataFrame, latency: dict, pcts, cols: dict) -> 
                                                    for s in secs])
 
 
+def rate_interval(point: float | None, times: np.ndarray, amounts: np.ndarray, start: float, end: float) -> list | None:
+    """The interval of a rate (amount per second, e.g. output tokens finished): the run's span cut into K equal
+    time sections, each section's rate, the run's rate +- t(K-1) x SE. Nothing when there are too few events."""
+    if len(times) < SECTIONS * MIN_PER_SECTION or not end > start:
+        return None
+    edges = np.linspace(start, end, SECTIONS + 1)
+    k = np.clip(np.searchsorted(edges, times, side="right") - 1, 0, SECTIONS - 1)
+    per = np.bincount(k, weights=amounts, minlength=SECTIONS) / np.diff(edges)
+    return interval(point, per.tolist())
+
+
 def share_interval(point: float | None, met: np.ndarray, level: float = LEVEL) -> list | None:
     """The interval of a share (SLO attainment) from its sections, clipped to [0, 1]."""
     parts = sections(len(met))

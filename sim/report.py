@@ -13,7 +13,7 @@ from .anomalies import find_anomalies
 from .attribution import add_request_parts, attribution_report
 from .batch_jobs import job_table, jobs_report
 from .fault_report import faults_report
-from .intervals import LEVEL, SECTIONS, latency_intervals, share_interval, verdict
+from .intervals import LEVEL, SECTIONS, latency_intervals, rate_interval, share_interval, verdict
 from .decisions import decisions_report
 from .request import FAILED, FINISHED, REJECTED
 
@@ -266,6 +266,9 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
         "throughput": {
             "requests_per_s": int(fin.sum()) / duration,
             "output_tokens_per_s": out_tok / duration,
+            **({"output_tokens_per_s_ci": rate_interval(out_tok / duration, df.loc[fin, "finish_s"].to_numpy(float),
+                                                         df.loc[fin, "output_tokens"].to_numpy(float), start,
+                                                         start + duration)} if cfg.output.ci else {}),
             "total_tokens_per_s": (out_tok + in_tok) / duration,
         },
         "slo": {"attainment": met_total / len(online) if len(online) else None,
@@ -357,7 +360,8 @@ def summary_markdown(rep: dict) -> str:
                   f"({rep['ci']['sections']} sections of the run; the step-time model's error is not in them)."]
     t, c, u, s = rep["throughput"], rep["cost"], rep["utilization"], rep["slo"]
     L += ["", "| metric | value |", "|---|---:|",
-          f"| throughput | {_fmt(t['requests_per_s'])} req/s, {_fmt(t['output_tokens_per_s'])} output tok/s, "
+          f"| throughput | {_fmt(t['requests_per_s'])} req/s, {_fmt(t['output_tokens_per_s'])}"
+          f"{_ci(t.get('output_tokens_per_s_ci'))} output tok/s, "
           f"{_fmt(t['total_tokens_per_s'])} total tok/s |",
           f"| SLO attainment | {_fmt(100 * s['attainment'] if s['attainment'] is not None else None)} % "
           f"(goodput {_fmt(s['goodput_requests_per_s'])} req/s) |",

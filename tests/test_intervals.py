@@ -8,9 +8,20 @@ from scipy import stats
 
 from conftest import BASE, run_raw
 from servesim.sim.config import parse_config
-from servesim.sim.intervals import interval, sections, share_interval, verdict
+from servesim.sim.intervals import interval, rate_interval, sections, share_interval, verdict
 from servesim.sim.report import build_report, summary_markdown
 from servesim.sim.run import simulate
+
+
+def test_rate_interval_sections_time_evenly():
+    # 100 events of 1 unit over [0, 10): 10 per second in each of the 10 one-second sections -> no spread
+    t = np.arange(100) / 10.0
+    assert rate_interval(10.0, t, np.ones(100), 0.0, 10.0) == [10.0, 10.0]
+    # all events in the first half: sections rate 20, 20, ..., 0, 0 -> sd of [20]*5 + [0]*5
+    t = np.arange(100) / 20.0
+    half = stats.t.ppf(0.975, 9) * np.std([20] * 5 + [0] * 5, ddof=1) / np.sqrt(10)
+    assert rate_interval(10.0, t, np.ones(100), 0.0, 10.0) == pytest.approx([10 - half, 10 + half])
+    assert rate_interval(1.0, t[:10], np.ones(10), 0.0, 10.0) is None
 
 
 def test_sectioning_interval_is_t_times_the_sections_standard_error():
@@ -46,6 +57,8 @@ def test_report_intervals_and_ci_off():
     assert 0 <= lo <= c["attainment"] <= hi <= 1
     assert c["verdict"] == verdict(c["attainment_ci"], c["attainment"], 0.9)
     assert "[" in summary_markdown(rep).split("| TTFT |")[1].splitlines()[0]
+    lo, hi = rep["throughput"]["output_tokens_per_s_ci"]
+    assert lo <= rep["throughput"]["output_tokens_per_s"] <= hi
     raw["output"]["ci"] = False
     rep_off = build_report(*run_raw(raw))
     assert "p99_ci" not in rep_off["latency_ms"]["ttft"] and "ci" not in rep_off
