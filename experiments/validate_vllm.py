@@ -167,7 +167,7 @@ def validate_vllm(cfg, base: Path | None, out: Path, python: Path | None = None,
                   recorded: Path | None = None) -> dict:
     from servesim.hwmodels.catalog import get_model
     from servesim.sim.report import request_table, write_outputs
-    from servesim.sim.run import simulate
+    from servesim.sim.run import rng_streams, simulate
     from servesim.traces.workload import build_workload
 
     groups = cfg.fleet.replicas
@@ -177,8 +177,7 @@ def validate_vllm(cfg, base: Path | None, out: Path, python: Path | None = None,
             and cfg.workload.arrival.process == "closed_loop":
         raise ConfigError("workload: validate --backend vllm replays open-loop arrivals (synthetic or trace)")
     g, e = groups[0], groups[0].engine
-    wl_rng = np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(5)[0])      # simulate()'s workload stream
-    w = build_workload(cfg.workload, wl_rng, base)
+    w = build_workload(cfg.workload, rng_streams(cfg.seed)[0], base)        # the workload simulate() will build
     model = get_model(g.model)
     spec = {"model_config": hf_config(model), "seed": cfg.seed, "calibrate": True,
             "engine": {"max_num_seqs": e.max_num_seqs, "max_num_batched_tokens": e.max_num_batched_tokens,

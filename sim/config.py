@@ -189,7 +189,15 @@ class PairLengths(Strict):
 Lengths = Annotated[Union[IndependentLengths, PairLengths], Field(discriminator="kind")]
 
 
-class TraceWorkload(Strict):
+class Labels(Strict):
+    """Who sends a workload part's requests, how they are judged, and what model they ask for."""
+    tenant: str = "default"
+    slo_class: str = "default"
+    model: Optional[str] = Field(None, description="the model its requests ask for: only replicas serving it take them "
+                                                   "(none: any replica)")
+
+
+class TraceWorkload(Labels):
     kind: Literal["trace"]
     path: str
     format: Optional[TraceFormat] = None
@@ -203,23 +211,15 @@ class TraceWorkload(Strict):
     duration_s: Optional[PositiveFloat] = None
     max_requests: Optional[PositiveInt] = None
     max_total_tokens: Optional[PositiveInt] = Field(None, description="shorten prompts so prompt+output fit (as Vidur)")
-    tenant: str = "default"
-    slo_class: str = "default"
-    model: Optional[str] = Field(None, description="the model its requests ask for: only replicas serving it take them "
-                                                   "(none: any replica)")
 
 
-class SyntheticWorkload(Strict):
+class SyntheticWorkload(Labels):
     kind: Literal["synthetic"]
     num_requests: Optional[PositiveInt] = None
     duration_s: Optional[PositiveFloat] = None
     start_s: NonNegativeFloat = Field(0.0, description="the first request arrives then (a mix part that starts later)")
     arrival: Arrival
     lengths: Lengths
-    tenant: str = "default"
-    slo_class: str = "default"
-    model: Optional[str] = Field(None, description="the model its requests ask for: only replicas serving it take them "
-                                                   "(none: any replica)")
 
     @model_validator(mode="after")
     def _bounded(self):
@@ -273,7 +273,7 @@ class MixWorkload(Strict):
         return self
 
 
-class SessionsWorkload(Strict):
+class SessionsWorkload(Labels):
     """Agentic sessions replayed closed-loop from kv-cache-tester conversations (traces/sessions.py): sessions
     start by the arrival process; each next turn is sent its think time after the previous response."""
     kind: Literal["sessions"]
@@ -285,10 +285,6 @@ class SessionsWorkload(Strict):
         "evict", description="KV between turns: evict (freed, cached until evicted), keep (held on its replica "
                              "until the session's next turn arrives; needs prefix caching), offload (evicted blocks go to the "
                              "engine.kv_offload tiers, which every replica must have)")
-    tenant: str = "default"
-    slo_class: str = "default"
-    model: Optional[str] = Field(None, description="the model its requests ask for: only replicas serving it take them "
-                                                   "(none: any replica)")
 
     @model_validator(mode="after")
     def _open(self):

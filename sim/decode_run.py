@@ -121,7 +121,7 @@ class DecodeRun:
             replica.stats.add_steps(self.secs[:n], self.flops[:n], self.nbytes[:n], self.parts[:, :n], 0, b, kv_used)
             if metrics.trace is not None:
                 metrics.trace.steps(replica.index, ends[:n], self.secs[:n], 0, b, kv_used, 0, b, self.parts[:, :n])
-            online = b - replica.num_batch if replica.num_batch == 0 else sum(r.job < 0 for r in reqs)
+            online = sum(r.job < 0 for r in reqs) if replica.num_batch else b
             if online:                                      # ITL is online traffic's (as the latency table)
                 metrics.itl.add_array(np.diff(ends[: n + 1]), online)
             metrics.on_tokens_array(ends[1 : n + 1], b, replica.index)

@@ -97,8 +97,9 @@ def faults_plot(result, online, path: Path, bucket_s: float = 10.0) -> Path:
     fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
     end = result.sim_end
     n = len(result.replicas)
-    edges = sorted({0.0, end} | {t for iv in down_intervals(result, end).values() for ab in iv for t in ab})
-    up = [n - sum(a <= t < b for iv in down_intervals(result, end).values() for a, b in iv) for t in edges]
+    down = [ab for iv in down_intervals(result, end).values() for ab in iv]
+    edges = sorted({0.0, end} | {t for ab in down for t in ab})
+    up = [n - sum(a <= t < b for a, b in down) for t in edges]
     a1.step(edges, up, where="post")
     a1.set_ylabel("replicas up")
     a1.set_ylim(0, n + 0.5)

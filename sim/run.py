@@ -81,14 +81,17 @@ def _where(loc: str, fn, *a, **k):
         raise type(e)(f"{loc}: {e}") from None
 
 
+def rng_streams(seed: int) -> list:
+    """The run's generators: workload, router, policies, decode router, faults. spawn(k)[:j] are spawn(j)'s
+    children, so each stream added later left the earlier ones (and every result) as they were."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
+
+
 def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: bool = False,
           until: float = math.inf, route_override: tuple[int, int] | None = None):
     """The cluster, replicas, their infos and the workload of a config. until: stop time (the earlier of it and
     sim.max_sim_time_s); route_override: (decision index, replica) forced (routing regret, sim/decisions.py)."""
-    # spawn(4)[:3] are spawn(3)'s children: the fourth stream (the decode router's) leaves the others alone
-    # (spawn(5)[:4] likewise: the fault stream leaves the four others alone)
-    wl_rng, route_rng, policy_rng, decode_rng, fault_rng = (np.random.default_rng(s)
-                                                            for s in np.random.SeedSequence(cfg.seed).spawn(5))
+    wl_rng, route_rng, policy_rng, decode_rng, fault_rng = rng_streams(cfg.seed)
     batching_cls = registry.BATCHING[cfg.policies.batching.name][0]
     batching_params = cfg.policies.batching.model_dump(exclude={"name"})
 

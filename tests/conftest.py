@@ -36,9 +36,19 @@ def run_raw(raw, base_dir=None):
     return res, request_table(res)
 
 
+def run_fast_and_plain(raw):
+    """[(result, table) with sim.fast_decode on, the same with it off]: the two paths must agree."""
+    out = []
+    for fast in (True, False):
+        r = copy.deepcopy(raw)
+        r.setdefault("sim", {})["fast_decode"] = fast
+        out.append(run_raw(r))
+    return out
+
+
 @pytest.fixture
 def base_raw():
     return copy.deepcopy(BASE)
 
 
-__all__ = ["make_config", "run_raw", "BASE", "build_report"]
+__all__ = ["make_config", "run_raw", "run_fast_and_plain", "BASE", "build_report"]

@@ -6,7 +6,7 @@ import copy
 import numpy as np
 import pytest
 
-from conftest import BASE, run_raw
+from conftest import BASE, run_fast_and_plain, run_raw
 from servesim.sim.batch_jobs import job_table
 from servesim.sim.config import parse_config
 from servesim.sim.errors import ConfigError
@@ -135,12 +135,7 @@ def test_batch_jobs_fast_decode_matches_the_plain_path(tmp_path):
              "lengths": {"kind": "independent", "input": {"dist": "uniform", "low": 50, "high": 400},
                          "output": {"dist": "uniform", "low": 20, "high": 200}}},
             {"name": "b", "submit_s": 3.0, "deadline_s": 5.0, "num_requests": 40, "lengths": _fixed(100, 50)}]}]}
-    runs = []
-    for fast in (True, False):
-        r = copy.deepcopy(raw)
-        r["sim"]["fast_decode"] = fast
-        runs.append(run_raw(r))
-    (res_f, df_f), (res_p, df_p) = runs
+    (res_f, df_f), (res_p, df_p) = run_fast_and_plain(raw)
     for c in ("first_scheduled_s", "first_token_s", "finish_s"):
         np.testing.assert_allclose(df_f[c].to_numpy(float), df_p[c].to_numpy(float), rtol=1e-9, atol=0)
     assert df_f["preemptions"].tolist() == df_p["preemptions"].tolist()

@@ -8,22 +8,14 @@ import copy
 
 import numpy as np
 
-from conftest import BASE, run_raw
+from conftest import BASE, run_fast_and_plain, run_raw
 
 COLS = ["arrival_s", "first_scheduled_s", "first_token_s", "finish_s"]
 
 
-def _both(raw):
-    out = []
-    for fast in (True, False):
-        r = copy.deepcopy(raw)
-        r.setdefault("sim", {})["fast_decode"] = fast
-        out.append(run_raw(r))
-    return out
-
 
 def _same(raw):
-    (res_f, df_f), (res_p, df_p) = _both(raw)
+    (res_f, df_f), (res_p, df_p) = run_fast_and_plain(raw)
     assert list(df_f["outcome"]) == list(df_p["outcome"])
     for c in COLS:
         a, b = df_f[c].to_numpy(float), df_p[c].to_numpy(float)
@@ -164,7 +156,7 @@ def test_a_run_cut_by_max_sim_time_stops_at_the_same_token():
     raw["sim"]["max_sim_time_s"] = 7.3
     res, df = _same(raw)
     assert (df["outcome"] == "unfinished").any()
-    (rf, _), (rp, _) = _both(raw)
+    (rf, _), (rp, _) = run_fast_and_plain(raw)
     assert rf.metrics.itl.n == rp.metrics.itl.n
     assert [r.num_output for r in rf.metrics.requests] == [r.num_output for r in rp.metrics.requests]
 
@@ -181,4 +173,4 @@ def test_kv_offload_tiers_with_evictions_during_decode_runs():
                        "max_requests": 200, "rate_scale": 0.5}
     res, df = _same(raw)
     assert df["loaded_prompt_tokens"].sum() > 0
-    assert list(df["loaded_prompt_tokens"]) == list(_both(raw)[1][1]["loaded_prompt_tokens"])
+    assert list(df["loaded_prompt_tokens"]) == list(run_fast_and_plain(raw)[1][1]["loaded_prompt_tokens"])

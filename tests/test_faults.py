@@ -6,7 +6,7 @@ import copy
 import numpy as np
 import pytest
 
-from conftest import BASE, run_raw
+from conftest import BASE, run_fast_and_plain, run_raw
 from servesim.hwmodels.catalog import get_gpu, get_model
 from servesim.hwmodels.memory import plan_memory
 from servesim.sim.config import parse_config
@@ -258,12 +258,7 @@ def test_disaggregated_crashes_under_a_kv_reading_router_match_the_plain_path(po
     raw["disaggregation"] = {"bandwidth_gbps": 5.0}
     raw["policies"] = {"routing": {"name": "least_kv"}}
     raw["client"] = {"timeout_s": 5.0, "max_retries": 3, "backoff_s": 0.2}
-    runs = []
-    for fast in (True, False):
-        r = copy.deepcopy(raw)
-        r["sim"]["fast_decode"] = fast
-        runs.append(run_raw(r))
-    (res, a), (_, b) = runs
+    (res, a), (_, b) = run_fast_and_plain(raw)
     for col in ("replica", "first_scheduled_s", "first_token_s", "finish_s", "outcome", "attempt"):
         assert a[col].equals(b[col]), col
     assert [e["requests_lost"] > 0 for e in res.faults.events] == [True, True]
@@ -279,12 +274,7 @@ def test_retries_bound_decode_runs_when_the_router_reads_kv_state():
                            restart={"load_gbps": 8.0, "engine_startup_s": 1.0})
     raw["policies"] = {"routing": {"name": "least_kv"}}
     raw["client"] = {"timeout_s": 3.0, "max_retries": 3, "backoff_s": 0.1}
-    runs = []
-    for fast in (True, False):
-        r = copy.deepcopy(raw)
-        r["sim"]["fast_decode"] = fast
-        runs.append(run_raw(r)[1])
-    a, b = runs
+    (_, a), (_, b) = run_fast_and_plain(raw)
     assert (a["attempt"] > 0).sum() > 20
     for col in ("replica", "first_scheduled_s", "finish_s", "outcome"):
         assert a[col].equals(b[col]), col
