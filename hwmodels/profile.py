@@ -9,7 +9,7 @@ fastest of the fitted protocols; the *_inter classes are collectives between ser
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from .catalog import GPU, PROFILES, profile_documents
 
 OP_CLASSES = ("gemm", "gemm_fp8", "gemv", "attn_prefill", "attn_decode", "norm", "add", "rope", "act")
@@ -30,6 +30,11 @@ class OpParams:
         return max(flops / (peak * self.compute_efficiency) + self.compute_offset_s,
                    nbytes / (bw * self.memory_efficiency) + self.memory_offset_s)
 
+    def scaled(self, f: float) -> "OpParams":
+        """The same op taking f times as long for every shape (both roofline terms scale by f)."""
+        return replace(self, compute_efficiency=self.compute_efficiency / f, memory_efficiency=self.memory_efficiency / f,
+                       compute_offset_s=self.compute_offset_s * f, memory_offset_s=self.memory_offset_s * f)
+
 
 @dataclass(frozen=True)
 class LinkParams:
@@ -41,6 +46,10 @@ class LinkParams:
     def time(self, kind: str, nbytes: float, n: int, link_bw: float) -> float:
         from .ops import collective_time
         return min(collective_time(kind, nbytes, n, link_bw, a, e, b) for a, e, b in self.protocols)
+
+    def scaled(self, f: float) -> "LinkParams":
+        """Every protocol f times as slow (alpha-beta time is linear in alpha, 1 / efficiency and base)."""
+        return replace(self, protocols=tuple((a * f, e / f, b * f) for a, e, b in self.protocols))
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,11 @@ class Profile:
 
     def link(self, cls: str) -> LinkParams:
         return self.links[cls]
+
+    def scaled(self, factors: dict) -> "Profile":
+        """Each class's ops factors[class] times as long (hwmodels/model_error.py); classes not named unchanged."""
+        return Profile(self.gpu, {c: p.scaled(factors[c]) if c in factors else p for c, p in self.ops.items()},
+                       {c: p.scaled(factors[c]) if c in factors else p for c, p in self.links.items()})
 
 
 def _fitted() -> dict:

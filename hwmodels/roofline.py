@@ -29,7 +29,8 @@ LAYER_OPS = ("norm", "qkv_proj", "rope", "attn_prefill", "attn_decode", "o_proj"
 
 class RooflineModel:
     def __init__(self, model: ModelSpec, gpu: GPU, *, tp: int = 1, pp: int = 1, dtype: str = "bf16",
-                 kv_dtype: str = "bf16", overhead_s: float = 0.0, ep: bool = False):
+                 kv_dtype: str = "bf16", overhead_s: float = 0.0, ep: bool = False,
+                 error: dict | None = None):
         self.model, self.gpu, self.tp, self.pp = model, gpu, tp, pp
         self.ep = ep and model.is_moe and tp > 1
         self.overhead_s = overhead_s
@@ -39,6 +40,8 @@ class RooflineModel:
         m = model
         h, d = m.hidden_size, m.head_dim
         self.profile = profile_for(gpu, engine_constants()["collective_latency_s"])
+        if error:                        # a model-error run: each class's ops error[class] times as long
+            self.profile = self.profile.scaled(error)
         p = self.profile
         self.p_gemm = p.op("gemm_fp8" if dtype == "fp8" else "gemm")
         # one-row GEMMs (a lone decode token, one sampled row) run as GEMV where the profile measured that

@@ -99,7 +99,15 @@ def run(config: Path = typer.Argument(..., help="YAML config file"),
         n = result.metrics.trace.write(trace_events, [f"{r.gpu}/{r.model} tp{r.tp}" for r in result.replicas])
         if not quiet:
             Console().print(f"wrote {trace_events} ({n:,} iterations)")
-    rep = write_outputs(result, out, plots=cfg.output.plots and not no_plots)
+    runs = None
+    if cfg.output.ci and cfg.output.model_error_runs:
+        from .uncertainty import model_error_runs
+
+        def step(k, n):
+            if show:
+                err.print(f"model error: perturbed run {k}/{n}", highlight=False)
+        runs = model_error_runs(cfg, base, cfg.output.model_error_runs, step)
+    rep = write_outputs(result, out, plots=cfg.output.plots and not no_plots, model_runs=runs)
     if not quiet:
         from rich.markdown import Markdown
         Console().print(Markdown(summary_markdown(rep)))

@@ -451,6 +451,9 @@ class Output(Strict):
     plots: bool = True
     ci: bool = Field(True, description="95% confidence intervals (sectioning, sim/intervals.py) next to latency "
                                        "statistics and SLO attainment, and SLO verdicts")
+    model_error_runs: int = Field(8, ge=0, description="with ci: runs of `servesim run` repeated with the roofline "
+                                  "op times perturbed by the reference kernels' residuals, for the step-time model's "
+                                  "share of the intervals (sim/uncertainty.py); 0: workload randomness only")
 
 
 class SimOptions(Strict):

@@ -123,7 +123,7 @@ class DecodeRun:
                 metrics.trace.steps(replica.index, ends[:n], self.secs[:n], 0, b, kv_used, 0, b, self.parts[:, :n])
             online = sum(r.job < 0 for r in reqs) if replica.num_batch else b
             if online:                                      # ITL is online traffic's (as the latency table)
-                metrics.itl.add_array(np.diff(ends[: n + 1]), online)
+                metrics.itl.add_array(np.diff(ends[: n + 1]), online, ends[1 : n + 1])
             metrics.on_tokens_array(ends[1 : n + 1], b, replica.index)
         if n and pool.caching:
             self._register(pool, ends)

@@ -4,7 +4,7 @@ the statistic is computed on each, and the interval is the whole run's value +- 
 It needs no extra runs; sections much longer than the system's memory (queue relaxation) make them nearly
 independent, which long runs give. Short runs get wide intervals, as they should.
 
-Model error (the step-time model's own residuals) is not in these intervals yet.
+The step-time model's own error is propagated by perturbed runs and combined with these in sim/uncertainty.py.
 """
 from __future__ import annotations
 
@@ -47,6 +47,17 @@ def latency_intervals(online: pd.DataFrame, latency: dict, pcts, cols: dict) -> 
         for p in pcts:
             st[f"p{p}_ci"] = interval(st[f"p{p}"], [float(np.percentile(s, p)) * 1000 if s.size else None
                                                    for s in secs])
+
+
+def histogram_intervals(h, st: dict, pcts) -> None:
+    """`<stat>_ci` of a statistic kept only as a streaming histogram (ITL: one value per token), from its equal
+    time sections (sim/metrics.py, 10 to 20 of them). Too few sections with enough values: no interval."""
+    means = h.section_means(MIN_PER_SECTION)
+    if len(means) < SECTIONS // 2:
+        return
+    st["mean_ci"] = interval(st["mean"], [m * 1000 for m in means])
+    for p in pcts:
+        st[f"p{p}_ci"] = interval(st[f"p{p}"], [q * 1000 for q in h.section_quantiles(p / 100, MIN_PER_SECTION)])
 
 
 def rate_interval(point: float | None, times: np.ndarray, amounts: np.ndarray, start: float, end: float) -> list | None:

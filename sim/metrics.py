@@ -10,33 +10,45 @@ import numpy as np
 
 class StreamingHistogram:
     """Log-spaced bins from 1 us to 10^4 s, 1000 per decade: any quantile is within 0.12% relative
-    of an exact one (half a bin). Count, sum and max are exact. Memory is fixed (8000 bins)."""
+    of an exact one (half a bin). Count, sum and max are exact. Memory is fixed (8000 bins).
+
+    Each value comes with the simulated time it was observed at, and is also counted in one of up to
+    2 x SECTIONS equal time sections (each row of `by_section`, `section_s` wide): the sections of sectioning
+    intervals (sim/intervals.py). When time passes the last section, neighbours merge pairwise and the width
+    doubles, so memory stays fixed however long the run."""
 
     LO, DECADES, PER_DECADE = 1e-6, 10, 1000
+    SECTIONS = 10
 
     def __init__(self):
         self.counts = np.zeros(self.DECADES * self.PER_DECADE + 2, dtype=np.int64)  # [underflow, bins..., overflow]
+        self.by_section = np.zeros((2 * self.SECTIONS, self.counts.size), dtype=np.int64)
+        self.section_s = 1e-3
+        self.t0 = None                      # sections start at the first observation's time
         self.n = 0
         self.total = 0.0
         self.max = 0.0
         self._buf: list[float] = []
-        self._runs: list = []               # (values, times each) from add_array
+        self._buf_t: list = []              # (time, values added then) of add_list
+        self._runs: list = []               # (values, times each, observation times) from add_array
         self._run_len = 0
 
-    def add(self, x: float) -> None:
-        self._buf.append(x)
-        if len(self._buf) >= 65536:
-            self.flush()
+    def add(self, x: float, t: float = 0.0) -> None:
+        self.add_list([x], t)
 
-    def add_list(self, xs: list) -> None:
-        self._buf.extend(xs)
-        if len(self._buf) >= 65536:
-            self.flush()
+    def add_list(self, xs: list, t: float = 0.0) -> None:
+        """Values observed at time t."""
+        if xs:
+            self._buf.extend(xs)
+            self._buf_t.append((t, len(xs)))
+            if len(self._buf) >= 65536:
+                self.flush()
 
-    def add_array(self, v: np.ndarray, n: int) -> None:
-        """Each value of v, n times (a run of decode steps: one gap per step, for each of n sequences)."""
+    def add_array(self, v: np.ndarray, n: int, t: np.ndarray) -> None:
+        """Each value of v, n times, v[j] observed at t[j] (a run of decode steps: one gap per step, for each of n
+        sequences)."""
         if len(v):
-            self._runs.append((v, n))
+            self._runs.append((v, n, t))
             self._run_len += len(v)
             if self._run_len >= 65536:
                 self.flush()
@@ -44,33 +56,62 @@ class StreamingHistogram:
     def flush(self) -> None:
         if self._buf:
             v = np.asarray(self._buf, dtype=float)
-            self._buf = []
-            self._bin(v, None)
+            t = np.repeat([a for a, _ in self._buf_t], [k for _, k in self._buf_t])
+            self._buf, self._buf_t = [], []
+            self._bin(v, None, t)
         if self._runs:
             v = np.concatenate([r[0] for r in self._runs])
             w = np.repeat([r[1] for r in self._runs], [len(r[0]) for r in self._runs])
+            t = np.concatenate([r[2] for r in self._runs])
             self._runs, self._run_len = [], 0
-            self._bin(v, w)
+            self._bin(v, w, t)
 
-    def _bin(self, v: np.ndarray, w: np.ndarray | None) -> None:
-        """Count v (each value w times, once without w)."""
+    def _bin(self, v: np.ndarray, w: np.ndarray | None, t: np.ndarray) -> None:
+        """Count v (each value w times, once without w), observed at times t."""
         self.n += v.size if w is None else int(w.sum())
         self.total += float(v.sum() if w is None else (v * w).sum())
         self.max = max(self.max, float(v.max()))
         with np.errstate(divide="ignore"):
             idx = np.floor(np.log10(np.maximum(v, 1e-300) / self.LO) * self.PER_DECADE).astype(np.int64) + 1
         np.clip(idx, 0, self.counts.size - 1, out=idx)
-        self.counts += np.bincount(idx, weights=w, minlength=self.counts.size).astype(np.int64)
+        nb = self.counts.size
+        self.counts += np.bincount(idx, weights=w, minlength=nb).astype(np.int64)
+        rows = len(self.by_section)
+        if self.t0 is None:
+            self.t0 = float(t.min())
+        t = np.maximum(t - self.t0, 0.0)
+        while float(t.max()) >= rows * self.section_s:          # merge neighbours, double the width
+            s = self.by_section
+            s[: rows // 2] = s[0::2] + s[1::2]
+            s[rows // 2:] = 0
+            self.section_s *= 2
+        sec = np.minimum((t / self.section_s).astype(np.int64), rows - 1)
+        self.by_section += np.bincount(sec * nb + idx, weights=w, minlength=rows * nb).astype(np.int64).reshape(rows, nb)
+
+    def section_quantiles(self, q: float, min_count: int = 1) -> list:
+        """The q-quantile of each time section with at least min_count values (for sectioning intervals)."""
+        self.flush()
+        return [self._quantile(c, int(c.sum()), q) for c in self.by_section if c.sum() >= min_count]
+
+    def section_means(self, min_count: int = 1) -> list:
+        """The mean of each time section with at least min_count values, from its bins' centres (within 0.12%
+        of the exact mean)."""
+        self.flush()
+        centres = self.LO * 10 ** ((np.arange(self.counts.size) - 0.5) / self.PER_DECADE)
+        return [float((c * centres).sum() / c.sum()) for c in self.by_section if c.sum() >= min_count]
 
     def quantile(self, q: float) -> float:
         self.flush()
         if self.n == 0:
             return math.nan
-        rank = q * (self.n - 1)
-        i = int(np.searchsorted(np.cumsum(self.counts), rank, side="right"))
+        return self._quantile(self.counts, self.n, q)
+
+    def _quantile(self, counts: np.ndarray, n: int, q: float) -> float:
+        rank = q * (n - 1)
+        i = int(np.searchsorted(np.cumsum(counts), rank, side="right"))
         if i == 0:
             return 0.0
-        if i >= self.counts.size - 1:
+        if i >= counts.size - 1:
             return self.max
         lo = self.LO * 10 ** ((i - 1) / self.PER_DECADE)
         hi = self.LO * 10 ** (i / self.PER_DECADE)

@@ -27,12 +27,26 @@ def save(fig, path: Path, title: str | None = None) -> Path:
     return path
 
 
-def write_plots(result, df, ts, out: Path, rates=None) -> list[Path]:
+def ci_bands(ax, stats: dict) -> None:
+    """Each percentile's interval as a band across the CDF at its level (p50 at 0.5, ...): where the curve may
+    cross that level, given workload randomness and the step-time model's error."""
+    for k, iv in stats.items():
+        if k.startswith("p") and k.endswith("_ci") and iv:
+            y = int(k[1:-3]) / 100
+            ax.fill_between(iv, y - 0.012, y + 0.012, color="tab:red", alpha=0.35, lw=0,
+                            label="95% interval" if y == 0.5 else None)
+
+
+def write_plots(result, df, ts, out: Path, rates=None, rep: dict | None = None) -> list[Path]:
+    """rep: the report, whose intervals are drawn as bands (latency percentiles, output throughput)."""
     paths = []
     online = df[df["job"] == ""]          # latency is online traffic's; batch jobs get their own plot
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, col, title in zip(axes, ("ttft_s", "tpot_s", "e2e_s"), ("TTFT", "TPOT", "E2E latency")):
         cdf(ax, online[col].to_numpy(dtype=float), title)
+        if rep is not None:
+            ci_bands(ax, rep["latency_ms"][col[:-2]])
+            ax.legend(loc="lower right", fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction of requests")
@@ -50,6 +64,12 @@ def write_plots(result, df, ts, out: Path, rates=None) -> list[Path]:
     a1b = a1.twinx()
     a1b.plot(t, arr / m.bucket_s, color="tab:orange", lw=0.6, alpha=0.7, label="arrivals/s")
     a1.set_ylabel("output tokens/s")
+    iv = (rep or {}).get("throughput", {}).get("output_tokens_per_s_ci")
+    if iv:
+        a1.axhspan(iv[0], iv[1], color="tab:blue", alpha=0.15, lw=0)
+        a1.axhline(rep["throughput"]["output_tokens_per_s"], color="tab:blue", ls="--", lw=0.8,
+                   label="run's mean, 95% interval")
+        a1.legend(loc="upper left", fontsize=8)
     a1b.set_ylabel("arrivals/s", color="tab:orange")
     a1.set_title("Throughput over time")
     grid = np.arange(0, max(t[-1], m.bucket_s) + m.bucket_s, m.bucket_s)

@@ -416,7 +416,7 @@ class Replica:
                     if self._release:
                         self._release(req.id)
                     finished.append(req)
-        itl.add_list(gaps)
+        itl.add_list(gaps, now)
         if finished:
             self.running = [r for r in self.running if r.outcome != FINISHED and not r.handoff]
             self.outstanding -= len(finished)

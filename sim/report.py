@@ -13,7 +13,8 @@ from .anomalies import find_anomalies
 from .attribution import add_request_parts, attribution_report
 from .batch_jobs import job_table, jobs_report
 from .fault_report import faults_report
-from .intervals import LEVEL, SECTIONS, latency_intervals, rate_interval, share_interval, verdict
+from .intervals import (LEVEL, SECTIONS, histogram_intervals, latency_intervals, rate_interval, share_interval,
+                        verdict)
 from .decisions import decisions_report
 from .request import FAILED, FINISHED, REJECTED
 
@@ -223,6 +224,8 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
         latency_intervals(online, latency, PCTS, {"ttft": "ttft_s", "tpot": "tpot_s", "e2e": "e2e_s", "queue": "queue_s"})
     latency["itl"] = {"mean": itl.mean() * 1000 if itl.n else None,
                       **{f"p{p}": (itl.quantile(p / 100) * 1000 if itl.n else None) for p in PCTS}}
+    if cfg.output.ci and itl.n:
+        histogram_intervals(itl, latency["itl"], PCTS)
     classes, met_total = {}, 0
     met_by_request = slo_met(df, cfg)
     for name, slo in cfg.slo.classes.items():
@@ -335,6 +338,40 @@ def _ci(iv) -> str:
     return f" [{_fmt(iv[0])}, {_fmt(iv[1])}]" if iv else ""
 
 
+def _uncertainty_lines(rep: dict) -> list[str]:
+    """What the intervals cover, and each source's share (half-widths) for the headline statistics."""
+    ci = rep["ci"]
+    me = ci.get("model_error", {})
+    level = f"{100 * ci['level']:.0f}%"
+    if not me.get("runs"):
+        why = ("no replica priced by the roofline model" if me else "model_error_runs 0")
+        return [f"[low, high]: {level} intervals from workload randomness ({ci['sections']} sections of the run); "
+                f"the step-time model's error is not in them ({why})."]
+    L = [f"[low, high]: {level} intervals combining workload randomness ({ci['sections']} sections of the run) and "
+         f"the step-time model's error ({me['runs']} runs with op times perturbed by the reference kernels' "
+         "residuals)" + (f"; replicas priced by {', '.join(me['not_covered_perf_models'])} are not perturbed"
+                         if me.get("not_covered_perf_models") else "") + ".", "",
+         "| +- half-width | workload | model | combined |", "|---|---:|---:|---:|"]
+
+    def half(iv, point):
+        return _fmt(max(point - iv[0], iv[1] - point)) if iv and point is not None else "-"
+    lat = rep["latency_ms"]
+    for m in ("ttft", "tpot", "itl", "e2e"):
+        for p in ("p50", "p99"):
+            st = lat[m]
+            L.append(f"| {m.upper()} {p} (ms) | " + " | ".join(half(st.get(f"{p}{k}"), st[p])
+                                                            for k in ("_ci_workload", "_ci_model", "_ci")) + " |")
+    t = rep["throughput"]
+    L.append("| output tok/s | " + " | ".join(half(t.get(f"output_tokens_per_s{k}"), t["output_tokens_per_s"])
+                                            for k in ("_ci_workload", "_ci_model", "_ci")) + " |")
+    s = rep["slo"]
+    if s["attainment"] is not None:
+        L.append("| SLO attainment (points) | " + " | ".join(
+            half([100 * x for x in s[f"attainment{k}"]] if s.get(f"attainment{k}") else None, 100 * s["attainment"])
+            for k in ("_ci_workload", "_ci_model", "_ci")) + " |")
+    return L
+
+
 def _slice_row(name: str, tn: dict) -> str:
     att = tn["slo_attainment"]
     return (f"| {name} | {tn['requests']} | {tn['finished']} | {tn['rejected']} | "
@@ -356,8 +393,7 @@ def summary_markdown(rep: dict) -> str:
         L.append(f"| {k.upper()} | " + " | ".join(_fmt(s[c]) + _ci(s.get(f"{c}_ci"))
                                                   for c in ("mean", "p50", "p90", "p95", "p99")) + " |")
     if "ci" in rep:
-        L += ["", f"[low, high]: {100 * rep['ci']['level']:.0f}% intervals from workload randomness "
-                  f"({rep['ci']['sections']} sections of the run; the step-time model's error is not in them)."]
+        L += ["", *_uncertainty_lines(rep)]
     t, c, u, s = rep["throughput"], rep["cost"], rep["utilization"], rep["slo"]
     L += ["", "| metric | value |", "|---|---:|",
           f"| throughput | {_fmt(t['requests_per_s'])} req/s, {_fmt(t['output_tokens_per_s'])}"
@@ -432,10 +468,14 @@ def summary_markdown(rep: dict) -> str:
     return "\n".join(L) + "\n"
 
 
-def write_outputs(result, out_dir: Path, plots: bool = True) -> dict:
+def write_outputs(result, out_dir: Path, plots: bool = True, model_runs: dict | None = None) -> dict:
+    """model_runs: the perturbed runs of sim/uncertainty.py, whose spread joins the report's intervals."""
     out_dir.mkdir(parents=True, exist_ok=True)
     attempts = request_table(result)
     rep = build_report(result, attempts)
+    if model_runs is not None and result.config.output.ci:
+        from .uncertainty import apply
+        apply(rep, model_runs)
     attempts.to_csv(out_dir / "requests.csv", index=False)
     df = final_attempts(attempts)
     ts = timeseries(result)
@@ -455,7 +495,7 @@ def write_outputs(result, out_dir: Path, plots: bool = True) -> dict:
     (out_dir / "summary.md").write_text(md)
     if plots:
         from .plots import write_plots
-        write_plots(result, df, ts, out_dir, rates)
+        write_plots(result, df, ts, out_dir, rates, rep)
     from .html import write_html
     write_html(md, out_dir)
     return rep

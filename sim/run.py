@@ -88,9 +88,10 @@ def rng_streams(seed: int) -> list:
 
 
 def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: bool = False,
-          until: float = math.inf, route_override: tuple[int, int] | None = None):
+          until: float = math.inf, route_override: tuple[int, int] | None = None, step_error: dict | None = None):
     """The cluster, replicas, their infos and the workload of a config. until: stop time (the earlier of it and
-    sim.max_sim_time_s); route_override: (decision index, replica) forced (routing regret, sim/decisions.py)."""
+    sim.max_sim_time_s); route_override: (decision index, replica) forced (routing regret, sim/decisions.py);
+    step_error: {gpu: {op class: factor}}, roofline op times multiplied by them (hwmodels/model_error.py)."""
     wl_rng, route_rng, policy_rng, decode_rng, fault_rng = rng_streams(cfg.seed)
     batching_cls = registry.BATCHING[cfg.policies.batching.name][0]
     batching_params = cfg.policies.batching.model_dump(exclude={"name"})
@@ -132,9 +133,9 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
         plans.append(plan)
         pm = g.perf_model
 
-        def roofline():
+        def roofline(error=None):
             return RooflineModel(model, gpu, tp=tp, pp=pp, dtype=g.dtype, kv_dtype=kv_dtype,
-                                 overhead_s=e.scheduler_overhead_ms / 1000, ep=g.enable_expert_parallel)
+                                 overhead_s=e.scheduler_overhead_ms / 1000, ep=g.enable_expert_parallel, error=error)
 
         def measured():       # one per replica: it holds that replica's KV cache
             from servesim.hwmodels.measured import MeasuredModel
@@ -148,7 +149,7 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
         if pm.name == "linear":
             step_model = LinearModel(pm.base_s, pm.per_prefill_token_s, pm.per_decode_seq_s, pm.per_context_token_s)
         elif pm.name == "roofline":
-            step_model = roofline()
+            step_model = roofline((step_error or {}).get(gpu.name))
         price = _price(cfg, gpu)
         n_gpus = tp * pp
         for _ in range(g.count):
@@ -164,8 +165,9 @@ def build(cfg: Config, base_dir: Path | None, env, metrics, measured_reference: 
                                     fast_decode=cfg.sim.fast_decode, stop_time=min(cfg.sim.max_sim_time_s or math.inf, until),
                                     swap=swap_space(e, plan)))
             rep = replicas[-1]
-            # a measured backend runs real kernels for every step it prices: rank it by its roofline instead
-            rep.capacity = decode_capacity(roofline() if pm.name == "measured" else step_model, e.max_num_seqs)
+            # a measured backend runs real kernels for every step it prices: rank it by its roofline instead; a
+            # model-error run ranks by the unperturbed model, as the operator's estimate would
+            rep.capacity = decode_capacity(roofline() if pm.name != "linear" else step_model, e.max_num_seqs)
             rep.usd_per_hour = n_gpus * price
             rep.group = name
             rep.model_name = model.name
@@ -278,12 +280,13 @@ def offload_store(e, plan):
 
 def simulate(cfg: Config, base_dir: Path | None = None, progress=None, measured_reference: bool = False,
              trace_steps: bool = False, trace_decisions: bool = False, until: float = math.inf,
-             route_override: tuple[int, int] | None = None) -> RunResult:
+             route_override: tuple[int, int] | None = None, step_error: dict | None = None) -> RunResult:
     """Run to completion (or sim.max_sim_time_s). progress(sim_time, requests_done, total) is called every 16k events.
     measured_reference: measured replicas also price each step with the roofline model (servesim validate).
     trace_steps: record every iteration in metrics.trace (sim/trace_events.py); trace_decisions: every routing,
     admission, preemption and eviction decision in metrics.decisions (sim/decisions.py). until: stop there too;
-    route_override: (decision index, replica) forced."""
+    route_override: (decision index, replica) forced; step_error: roofline op times scaled per GPU and class
+    (a model-error run, sim/model_error_runs.py)."""
     t0 = time.perf_counter()
     env = simpy.Environment()
     metrics = Metrics(sum(g.count for g in cfg.fleet.replicas), cfg.output.sample_interval_s)
@@ -293,7 +296,8 @@ def simulate(cfg: Config, base_dir: Path | None = None, progress=None, measured_
     if trace_decisions:
         from .decisions import DecisionLog
         metrics.decisions = DecisionLog()
-    cluster, replicas, infos, workload = build(cfg, base_dir, env, metrics, measured_reference, until, route_override)
+    cluster, replicas, infos, workload = build(cfg, base_dir, env, metrics, measured_reference, until, route_override,
+                                               step_error)
     if workload.arrival is not None:
         env.process(cluster.open_loop(workload))
         total = len(workload)
