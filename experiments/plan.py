@@ -5,7 +5,8 @@ A plan file:
     base: quickstart.yaml            # optional: policies, cost, sim, output... (and a default workload)
     workload: {...}                  # the workload section (else the base's)
     targets: {attainment: 0.99, ttft_ms: 2000, tpot_ms: 50}     # e2e_ms too; at least one latency
-    # targets.confidence: 0.95 -> the attainment's one-sided 95% lower bound must reach it, not the point value
+    # targets.confidence: 0.95 -> the attainment's one-sided 95% lower bound must reach it, not the point value;
+    # targets.model_error_runs: 8 -> that bound also counts the step-time model's error (8 perturbed runs each)
     max_replicas: 64
     candidates:                      # replica groups without `count`, as under fleet.replicas
       - {name: h100-tp1, gpu: H100-SXM, model: meta-llama/Llama-3.1-8B}
@@ -24,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -43,11 +45,16 @@ class Targets(_Strict):
     confidence: Optional[float] = Field(None, gt=0.5, lt=1, description="meet the attainment with this confidence: "
                                         "the one-sided lower bound of its interval (sim/intervals.py), not the point "
                                         "value, must reach it")
+    model_error_runs: int = Field(0, ge=0, description="with confidence: runs of each fleet with the roofline's op "
+                                  "times perturbed (sim/uncertainty.py), so the lower bound counts the step-time "
+                                  "model's error too; 0: workload randomness only")
 
     @model_validator(mode="after")
     def _some_latency(self):
         if self.ttft_ms is None and self.tpot_ms is None and self.e2e_ms is None:
             raise ValueError("give at least one of ttft_ms, tpot_ms, e2e_ms")
+        if self.model_error_runs and self.confidence is None:
+            raise ValueError("model_error_runs widens the attainment's lower bound: give confidence too")
         return self
 
 
@@ -90,7 +97,7 @@ def load_plan(path: Path, rate_scale: float = 1.0, prompt_scale: float = 1.0,
         w.update(kind="trace", path=trace)
     _what_if(w, rate_scale, prompt_scale, path)
     slo = base.setdefault("slo", {}).setdefault("classes", {})
-    slo[w.get("slo_class", "default")] = spec.targets.model_dump(exclude={"attainment", "confidence"}, exclude_none=True)
+    slo[w.get("slo_class", "default")] = spec.targets.model_dump(exclude={"attainment", "confidence", "model_error_runs"}, exclude_none=True)
     configs = []
     for c in spec.candidates:
         raw_c = copy.deepcopy(base)
@@ -118,16 +125,18 @@ def _what_if(w: dict, rate_scale: float, prompt_scale: float, path) -> None:
             raise ConfigError(f"{path}: --prompt-scale works on trace workloads (synthetic: change the input lengths)")
 
 
-def evaluate(raw: dict, base_dir: str, count: int, confidence: Optional[float] = None) -> dict:
+def evaluate(raw: dict, base_dir: str, count: int, confidence: Optional[float] = None, model_runs: int = 0) -> dict:
     """Simulate the candidate with `count` replicas; the numbers the plan table and plot need. With a confidence,
-    also the one-sided lower bound of the SLO attainment at it (`attainment_low`)."""
+    also the one-sided lower bound of the SLO attainment at it (`attainment_low`): workload randomness, and with
+    model_runs the step-time model's error too (root sum of squares of the two one-sided half-widths)."""
     from servesim.sim.intervals import share_interval
     from servesim.sim.report import build_report, final_attempts, request_table, slo_met
     from servesim.sim.run import simulate
 
     raw = copy.deepcopy(raw)
     raw["fleet"]["replicas"][0]["count"] = count
-    result = simulate(parse_config(raw), Path(base_dir))
+    cfg = parse_config(raw)
+    result = simulate(cfg, Path(base_dir))
     df = final_attempts(request_table(result))
     rep = build_report(result, df)
     c = rep["cost"]
@@ -140,7 +149,16 @@ def evaluate(raw: dict, base_dir: str, count: int, confidence: Optional[float] =
         online = df[df["job"] == ""].sort_values("arrival_s", kind="stable")
         met = slo_met(df, result.config)[online.index].to_numpy(bool)
         iv = share_interval(out["attainment"], met, level=2 * confidence - 1)   # its low end: one-sided
-        out["attainment_low"] = iv[0] if iv is not None else out["attainment"]
+        low = iv[0] if iv is not None else out["attainment"]
+        if model_runs:
+            from servesim.sim.uncertainty import model_error_runs, model_half
+            runs = model_error_runs(cfg, Path(base_dir), model_runs, workers=1)   # already in a pool's worker
+            xs = [v["slo.attainment"] or 0.0 for v in runs["values"]]
+            if xs:
+                hm = model_half(out["attainment"], xs, confidence)
+                out["attainment_low_workload"] = low
+                low = out["attainment"] - float(np.hypot(out["attainment"] - low, hm))
+        out["attainment_low"] = low
     return out
 
 
@@ -176,7 +194,7 @@ def plan_candidate(raw: dict, base_dir: str, targets: dict, max_n: int) -> tuple
     t = Targets(**targets)
 
     def meets(n):
-        evals[n] = evaluate(raw, base_dir, n, t.confidence)
+        evals[n] = evaluate(raw, base_dir, n, t.confidence, t.model_error_runs)
         judged = evals[n]["attainment"] if t.confidence is None else evals[n]["attainment_low"]
         evals[n]["meets"] = judged >= t.attainment
         return evals[n]["meets"]

