@@ -30,7 +30,7 @@ def interval(point: float | None, per_section: list[float], level: float = LEVEL
     if point is None or point != point or len(vals) < 2:
         return None
     half = stats.t.ppf(0.5 + level / 2, len(vals) - 1) * vals.std(ddof=1) / np.sqrt(len(vals))
-    return [float(point - half), float(point + half)]
+    return [max(float(point - half), 0.0), float(point + half)]     # every statistic here is non-negative
 
 
 def latency_intervals(online: pd.DataFrame, latency: dict, pcts, cols: dict) -> None:

@@ -128,4 +128,5 @@ def apply(rep: dict, runs: dict, level: float = LEVEL) -> None:
 
 
 def _clip(iv, share: bool):
-    return [max(iv[0], 0.0), min(iv[1], 1.0)] if share else [float(iv[0]), float(iv[1])]
+    """Latencies and rates are non-negative; shares lie in [0, 1]."""
+    return [max(float(iv[0]), 0.0), min(float(iv[1]), 1.0) if share else float(iv[1])]

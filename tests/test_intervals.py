@@ -31,6 +31,8 @@ def test_sectioning_interval_is_t_times_the_sections_standard_error():
     assert [len(s) for s in sections(103)] == [11, 11, 11] + [10] * 7
     assert sections(49) is None                        # under 5 per section: no interval
     assert interval(None, vals) is None and interval(1.0, [1.0]) is None
+    lo, hi = interval(1.0, [0.0, 10.0] * 5)              # a latency or rate is never negative: clipped at 0
+    assert lo == 0.0 and hi == pytest.approx(1.0 + stats.t.ppf(0.975, 9) * np.std([0, 10] * 5, ddof=1) / np.sqrt(10))
     assert share_interval(1.0, np.ones(100, bool)) == [1.0, 1.0]
 
 
