@@ -152,9 +152,12 @@ def fit_device(raw: pd.DataFrame, name: str, backend: str, device: str, versions
                                             for r in g.itertuples()])
         naive = cls.startswith("attn")          # measured.attend materializes the score matrix
         p = _fit_ops(g, cls, dev, naive)
-        ape = np.abs(_predict(cls, p, g, dev) / g["seconds"].to_numpy() - 1)
+        pred = _predict(cls, p, g, dev)
+        ape = np.abs(pred / g["seconds"].to_numpy() - 1)
         classes[cls] = {**_entry(cls, p), "rows": int(len(g)), "median_ape_pct": round(100 * float(np.median(ape)), 2),
-                        "p90_ape_pct": round(100 * float(np.percentile(ape, 90)), 2)}
+                        "p90_ape_pct": round(100 * float(np.percentile(ape, 90)), 2),
+                        # log(measured / predicted) of each row: the model-error draws (hwmodels/model_error.py)
+                        "log_residuals": [round(float(x), 5) for x in np.log(g["seconds"].to_numpy() / pred)]}
     return {
         "source": f"servesim calibrate --backend {backend} --device {device}",
         "method": "median of repeated timings after warm-up; peak = best GEMM FLOP/s, bandwidth = best copy "

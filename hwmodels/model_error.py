@@ -1,6 +1,7 @@
 """The step-time model's own error, as a distribution to propagate: per GPU and op class, the residuals
 log(measured / predicted) of the reference kernels (hwmodels/data/reference/kernel_points.csv, the rows of the
-software stack the simulator prices with; hwmodels/accuracy.py computes them).
+software stack the simulator prices with; hwmodels/accuracy.py computes them), and for a device `servesim
+calibrate` measured, those of the real backend's own kernels (kept in its profile as `log_residuals`).
 
 A perturbed run draws one factor per (GPU, op class), exp(a residual picked at random from that class's
 residuals), and multiplies every op of that class by it for the whole run. One draw per run, not per step:
@@ -17,17 +18,26 @@ from functools import lru_cache
 
 import numpy as np
 
-from .profile import LINK_CLASSES, OP_CLASSES
+from .catalog import profile_dirs
+from .profile import LINK_CLASSES, OP_CLASSES, _fitted
 
 
-@lru_cache(maxsize=1)
 def _residuals() -> dict:
+    return _residuals_in(tuple(profile_dirs()))
+
+
+@lru_cache(maxsize=None)
+def _residuals_in(dirs: tuple) -> dict:
     """{(gpu, class): log(measured / predicted) array} over the simulator's stack, and {class: pooled array}."""
     from .accuracy import evaluate
     df = evaluate()
     df = df[df["simulator_stack"] & df["cls"].notna() & np.isfinite(df["log_ratio"])]
     by = {k: -g["log_ratio"].to_numpy(float) for k, g in df.groupby(["gpu_name", "cls"])}
     pooled = {c: -g["log_ratio"].to_numpy(float) for c, g in df.groupby("cls")}
+    for dev, classes in _fitted().items():     # devices `servesim calibrate` measured: the real backend's kernels
+        for c, f in classes.items():
+            if f.get("log_residuals"):
+                by[(dev, c)] = np.asarray(f["log_residuals"], dtype=float)
     return {"by": by, "pooled": pooled}
 
 

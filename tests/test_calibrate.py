@@ -1,6 +1,7 @@
 """`servesim calibrate --backend numpy`: a measured device profile that run and estimate accept."""
 import math
 
+import numpy as np
 import pytest
 import yaml
 
@@ -32,6 +33,20 @@ def test_profile_records_device_fits_and_raw_measurements(profile):
     assert max(r["flops"] / r["seconds"] for r in gemms) == pytest.approx(dev["bf16_tflops"] * 1e12)
     for cls in ("gemm", "attn_prefill", "attn_decode", "add"):
         assert on_disk["gpus"]["test-cpu"][cls]["rows"] >= 4
+
+
+def test_the_devices_residuals_are_its_model_error(profile):
+    # each class's residuals, log(measured / predicted) per measured row, are what a model-error run draws from
+    from servesim.hwmodels import model_error
+    _, doc = profile
+    entry = doc["gpus"]["test-cpu"]["gemm"]
+    assert len(entry["log_residuals"]) == entry["rows"]
+    med = 100 * float(np.median(np.abs(np.exp(entry["log_residuals"]) ** -1 - 1)))
+    assert med == pytest.approx(entry["median_ape_pct"], abs=0.02)           # the same rows the fit scored
+    src = model_error.sources("test-cpu")["classes"]
+    assert src["gemm"] == f"{entry['rows']} rows" and src["attn_decode"] == f"{doc['gpus']['test-cpu']['attn_decode']['rows']} rows"
+    f = model_error.draw(["test-cpu"], np.random.default_rng(0))["test-cpu"]
+    assert np.isclose(np.log(f["gemm"]), entry["log_residuals"], atol=1e-12).any()
 
 
 def test_measured_device_works_like_a_catalog_gpu(profile):
