@@ -49,6 +49,8 @@ class DecodeRun:
                 return None
             k = min(k, int((stop - now) / first) + 1)
         secs, flops, nbytes, parts = replica.model.decode_steps(ctx, k)
+        if replica.slow != 1.0:                    # a straggler: as the plain step, dt = seconds x slow
+            secs = secs * replica.slow
         ends = np.add.accumulate(np.concatenate(([now], secs)))     # step j runs from ends[j] to ends[j + 1]
         n = int(np.searchsorted(ends[1:], stop, side="left"))         # steps ending before stop
         # step j gives request i a new block when its token lands on a block boundary: (ctx_i + j) % bs == 0

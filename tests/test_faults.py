@@ -156,6 +156,14 @@ def test_straggler_slows_the_steps_it_covers(tmp_path):
         raw["sim"]["fast_decode"] = fast
         res, df = run_raw(raw)
         assert (df.loc[0, "first_token_s"], df.loc[0, "finish_s"]) == (1.0, 9.0)
+    # 50 tokens: the decode steps from 2 s on may run as one closed-form run, slowed as the plain steps are
+    # (steps starting at 2 and 5 take 3 s each): the last token at 1 + 49 + 2 x 2 = 54
+    raw = _rows(tmp_path, [(0, 16, 50)], faults={"events": [
+        {"kind": "straggler", "at_s": 2.0, "replica": 0, "duration_s": 4.0, "slowdown": 3.0}]})
+    raw["fleet"]["replicas"] = _linear(1)
+    for fast in (True, False):
+        raw["sim"]["fast_decode"] = fast
+        assert run_raw(raw)[1].loc[0, "finish_s"] == 54.0
 
 
 def test_network_fault_slows_the_transfers_it_covers(tmp_path):
