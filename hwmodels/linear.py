@@ -18,5 +18,5 @@ class LinearModel:
         s = self.base_s + self.pt * sum(batch.prefill_new) + self.ds * len(batch.decode_cached) + self.ct * ctx
         return StepTime(s, 0.0, 0.0)
 
-    def decode_steps(self, ctx, k: int):
-        return decode_steps(self, ctx, k)
+    def decode_steps(self, ctx, k: int, first=None):
+        return decode_steps(self, ctx, k, first)

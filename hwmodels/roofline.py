@@ -316,13 +316,14 @@ class RooflineModel:
         t_compute = t * (ct >= mt)                   # the share bound by compute (all or nothing per step)
         return t, fs, bs, t_compute
 
-    def decode_steps(self, ctx, k: int):
+    def decode_steps(self, ctx, k: int, first: StepTime | None = None):
         """k consecutive pure-decode steps in closed form (a test holds them equal to step_time one by one):
-        from one step to the next only the decode attention changes, its KV lengths summing b more.
+        from one step to the next only the decode attention changes, its KV lengths summing b more. ctx: the
+        cached tokens of each sequence (a list); first: step 0's StepTime when the caller has it.
         Returns seconds, FLOPs, bytes and the 4 x k split (compute, memory, collective, overhead)."""
         b = len(ctx)
-        st = self.step_time(BatchShape(decode_cached=ctx.tolist(), num_sampled=b))
-        C = float(ctx.sum()) + b + b * np.arange(k, dtype=float)      # sum of KV lengths at each step
+        st = first if first is not None else self.step_time(BatchShape(decode_cached=[int(c) for c in ctx], num_sampled=b))
+        C = float(sum(ctx)) + b + b * np.arange(k, dtype=float)      # sum of KV lengths at each step
         attn, fs, bs, ac = self._decode_attention(C, b, np.maximum)
         secs = st.seconds + (attn - attn[0])
         secs[0] = st.seconds

@@ -50,14 +50,16 @@ class StepTimeModel(Protocol):
     def step_time(self, batch: BatchShape) -> StepTime: ...
 
 
-def decode_steps(model, ctx, k: int):
+def decode_steps(model, ctx, k: int, first: StepTime | None = None):
     """(seconds, flops, bytes, parts) arrays of k consecutive pure-decode steps of one batch (parts: 4 x k, the
-    StepTime split in PARTS order): step j decodes one token for every sequence, on ctx + j cached tokens.
-    Each step priced by model.step_time, so a run of steps costs exactly what k separate steps would."""
+    StepTime split in PARTS order): step j decodes one token for every sequence, on ctx + j cached tokens
+    (ctx: a list of ints; first, when given, is step 0's StepTime, already computed). Each step priced by
+    model.step_time, so a run of steps costs exactly what k separate steps would."""
     import numpy as np
     out = np.empty((7, k))
     n = len(ctx)
     for j in range(k):
-        st = model.step_time(BatchShape(decode_cached=(ctx + j).tolist(), num_sampled=n))
+        st = first if j == 0 and first is not None else \
+            model.step_time(BatchShape(decode_cached=[int(c) + j for c in ctx], num_sampled=n))
         out[:, j] = st
     return out[0], out[1], out[2], out[3:]

@@ -27,49 +27,60 @@ from servesim.hwmodels.step_time import BatchShape
 
 
 class DecodeRun:
-    __slots__ = ("reqs", "ends", "secs", "flops", "nbytes", "parts", "grow_j", "grow_i", "used", "n")
+    __slots__ = ("reqs", "ctx", "ends", "secs", "flops", "nbytes", "parts", "grows", "n")
 
     @classmethod
     def plan(cls, replica, stop: float) -> DecodeRun | None:
         """The longest run the replica's running requests can make from now, or None for none worth one."""
         pool, now = replica.pool, replica.env.now
         reqs = replica.running
+        ctx = []                                  # tokens cached before the first step
+        k = 1 << 62                               # steps before anyone's last token
         for r in reqs:
-            if r.num_computed != r.prompt_tokens + r.num_output - 1 or not r.num_output:   # not decoding
+            c, out = r.num_computed, r.num_output
+            if not out or c != r.prompt_tokens + out - 1:       # not decoding
                 return None
-        b, bs = len(reqs), pool.block_size
-        k = min(r.output_tokens - r.num_output for r in reqs) - 1     # steps before anyone's last token
+            ctx.append(c)
+            if r.output_tokens - out < k:
+                k = r.output_tokens - out
+        k -= 1
         if k < 2:
             return None
-        ctx = np.fromiter((r.num_computed for r in reqs), np.int64, b)   # tokens cached before the first step
+        b, bs = len(reqs), pool.block_size
+        first = replica.model.step_time(BatchShape(decode_cached=ctx, num_sampled=b))
         if stop != math.inf:
             # steps only grow longer (contexts grow), so at most (stop - now) / first step of them fit
-            first = replica.model.step_time(BatchShape(decode_cached=ctx.tolist(), num_sampled=b)).seconds
-            if now + first >= stop:
+            if now + first.seconds >= stop:
                 return None
-            k = min(k, int((stop - now) / first) + 1)
-        secs, flops, nbytes, parts = replica.model.decode_steps(ctx, k)
+            k = min(k, int((stop - now) / first.seconds) + 1)
+        secs, flops, nbytes, parts = replica.model.decode_steps(ctx, k, first)
         if replica.slow != 1.0:                    # a straggler: as the plain step, dt = seconds x slow
             secs = secs * replica.slow
         ends = np.add.accumulate(np.concatenate(([now], secs)))     # step j runs from ends[j] to ends[j + 1]
-        n = int(np.searchsorted(ends[1:], stop, side="left"))         # steps ending before stop
-        # step j gives request i a new block when its token lands on a block boundary: (ctx_i + j) % bs == 0
-        steps = ((-ctx) % bs)[:, None] + bs * np.arange(-(-n // bs))[None, :]
-        inside = steps < n
-        grow_j = steps[inside]
-        grow_i = np.broadcast_to(np.arange(b)[:, None], steps.shape)[inside]
-        order = np.lexsort((grow_i, grow_j))                          # step by step, running order within
-        grow_j, grow_i = grow_j[order], grow_i[order]
-        used = np.cumsum(np.bincount(grow_j, minlength=n))             # new blocks by the end of each step
-        short = np.flatnonzero(used > pool.num_free)                 # nothing is freed during a run
-        if len(short):
-            n = int(short[0])                                        # that step's blocks do not fit
-        if n == 0:
-            return None
+        n = int(np.searchsorted(ends[1:], stop, side="left")) if stop != math.inf else k   # steps ending before stop
+        # step j gives request i a new block when its token lands on a block boundary: (ctx_i + j) % bs == 0,
+        # i.e. in the steps j = g, g + bs, ... with g = -ctx_i mod bs: grows[g] lists those requests, in running order
+        grows = [[] for _ in range(bs)]
+        for i, c in enumerate(ctx):
+            grows[-c % bs].append(i)
         run = cls()
-        run.reqs, run.ends, run.secs, run.flops, run.nbytes, run.parts = list(reqs), ends, secs, flops, nbytes, parts
-        run.grow_j, run.grow_i, run.used, run.n = grow_j, grow_i, used, n
-        return run
+        run.reqs, run.ctx, run.ends, run.secs, run.flops, run.nbytes, run.parts = reqs.copy(), ctx, ends, secs, flops, nbytes, parts
+        run.grows, run.n = grows, n
+        free = pool.num_free                                         # nothing is freed during a run
+        if run._grown(n) > free:
+            taken = 0
+            for j in range(n):
+                taken += len(grows[j % bs])
+                if taken > free:                                     # step j's blocks do not fit
+                    run.n = n = j
+                    break
+        return run if n else None
+
+    def _grown(self, m: int) -> int:
+        """New blocks taken by the first m steps."""
+        grows = self.grows
+        cycles, rest = divmod(m, len(grows))
+        return cycles * len(self.reqs) + sum(len(g) for g in grows[:rest])
 
     @property
     def end(self) -> float:
@@ -86,40 +97,33 @@ class DecodeRun:
     def blocks_taken_by(self, t: float) -> int:
         """New blocks the steps started before t have taken (the plain path allocates them as each step starts;
         a run adds them when it commits): what a crash at t finds in use beyond the pool's count."""
-        m = min(int(np.searchsorted(self.ends[: self.n], t, side="left")), self.n)
-        return int(self.used[m - 1]) if m else 0
+        return self._grown(min(int(np.searchsorted(self.ends[: self.n], t, side="left")), self.n))
 
-    def _register(self, pool, ends) -> None:
+    def _register(self, pool, end_t: list) -> None:
         """Publish the blocks the run's tokens filled, as the plain path does at the end of each step (step by
         step, running order within a step): request i's block fills in step s when ctx_i + s + 1 is a multiple
         of the block size."""
-        bs, n = pool.block_size, self.n
-        ctx = np.fromiter((r.num_computed for r in self.reqs), np.int64, len(self.reqs))
-        steps = ((-ctx - 1) % bs)[:, None] + bs * np.arange(-(-n // bs))[None, :]
-        inside = steps < n
-        s_idx = steps[inside]
-        i_idx = np.broadcast_to(np.arange(len(self.reqs))[:, None], steps.shape)[inside]
-        order = np.lexsort((i_idx, s_idx))
-        reqs, end_t = self.reqs, ends.tolist()
-        for s, i in zip(s_idx[order].tolist(), i_idx[order].tolist()):
-            pool.now = end_t[s + 1]
-            c = reqs[i].num_computed + s + 1
-            pool.register_full_blocks(reqs[i], c - 1, c)
+        bs, reqs = pool.block_size, self.reqs
+        fills = [[] for _ in range(bs)]
+        for i, c in enumerate(self.ctx):
+            fills[(-c - 1) % bs].append(i)
+        for s in range(self.n):
+            for i in fills[s % bs]:
+                pool.now = end_t[s + 1]
+                c = self.ctx[i] + s + 1
+                pool.register_full_blocks(reqs[i], c - 1, c)
 
     def commit(self, replica) -> None:
         """Apply the run's n steps to the replica, its pool, its requests and the metrics."""
         n, ends, pool, metrics = self.n, self.ends, replica.pool, replica.metrics
-        b = len(self.reqs)
+        b, reqs = len(self.reqs), self.reqs
         if n:
-            keep = self.grow_j < n
-            grow_j, grow_i = self.grow_j[keep], self.grow_i[keep]
-            starts = ends.tolist()
-            reqs = self.reqs
-            for j, i in zip(grow_j.tolist(), grow_i.tolist()):
-                pool.now = starts[j]
-                pool.append_blocks(reqs[i], 1)
-            kv_used = (pool.num_used - len(grow_j)) + self.used[:n]     # blocks referenced during each step
-            metrics.sample_steps(replica.index, ends[:n], 0, b, kv_used)
+            grows, bs = self.grows, len(self.grows)
+            times = ends[: n + 1].tolist()
+            per_step = [len(grows[j % bs]) for j in range(n)]
+            kv_used = pool.num_used + np.cumsum(per_step)            # blocks referenced during each step
+            pool.append_blocks_at([(reqs[i], times[j]) for j in range(n) for i in grows[j % bs]])
+            metrics.sample_steps(replica.index, times[:n], 0, b, kv_used)
             replica.stats.add_steps(self.secs[:n], self.flops[:n], self.nbytes[:n], self.parts[:, :n], 0, b, kv_used)
             if metrics.trace is not None:
                 metrics.trace.steps(replica.index, ends[:n], self.secs[:n], 0, b, kv_used, 0, b, self.parts[:, :n])
@@ -127,11 +131,11 @@ class DecodeRun:
             if online:                                      # ITL is online traffic's (as the latency table)
                 metrics.itl.add_array(np.diff(ends[: n + 1]), online, ends[1 : n + 1])
             metrics.on_tokens_array(ends[1 : n + 1], b, replica.index)
-        if n and pool.caching:
-            self._register(pool, ends)
+            if pool.caching:
+                self._register(pool, times)
         t = float(ends[n])
         pool.now = t
-        for r in self.reqs:
+        for r in reqs:
             r.num_computed += n
             r.num_output += n
             if n:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special
 
 SECTIONS = 10
 LEVEL = 0.95
@@ -29,7 +29,7 @@ def interval(point: float | None, per_section: list[float], level: float = LEVEL
     vals = np.array([v for v in per_section if v is not None and v == v], dtype=float)
     if point is None or point != point or len(vals) < 2:
         return None
-    half = stats.t.ppf(0.5 + level / 2, len(vals) - 1) * vals.std(ddof=1) / np.sqrt(len(vals))
+    half = special.stdtrit(len(vals) - 1, 0.5 + level / 2) * vals.std(ddof=1) / np.sqrt(len(vals))
     return [max(float(point - half), 0.0), float(point + half)]     # every statistic here is non-negative
 
 

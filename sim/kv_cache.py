@@ -148,6 +148,23 @@ class BlockPool:
         for _ in range(need):
             req.blocks.append(self._take(self._pop_free()))
 
+    def append_blocks_at(self, grows: list) -> None:
+        """One new block for each (req, t) of grows, in order, taken at time t: append_blocks(req, 1) at each
+        (a decode run's block boundaries, step by step); the caller has checked num_free."""
+        plain = self.free_plain
+        if len(grows) > len(plain):
+            for req, t in grows:
+                self.now = t
+                self.append_blocks(req, 1)
+            return
+        ref, last_used, pop = self.ref, self.last_used, plain.popleft
+        for req, t in grows:
+            b = pop()
+            ref[b] = 1
+            last_used[b] = t
+            req.blocks.append(b)
+        self.num_used += len(grows)
+
     def pin(self, key, req: Request) -> None:
         """Hold req's blocks (one more reference each) after it finishes, under key, until unpin(key): an agentic
         session keeps its KV between turns (retention: keep)."""

@@ -242,23 +242,24 @@ class Metrics:
         self.replica_tokens[replica, b] += n
 
     def on_tokens_array(self, times: np.ndarray, n: int, replica: int) -> None:
-        """on_tokens(t, n, replica) for each t in times."""
+        """on_tokens(t, n, replica) for each of the (increasing) times."""
+        last = float(times[-1])
+        if int(float(times[0]) / self.bucket_s) == int(last / self.bucket_s):     # one bucket (the common case)
+            self.on_tokens(last, n * len(times), replica)
+            return
         b = (times / self.bucket_s).astype(np.int64)
-        self.on_tokens(float(times[-1]), 0, replica)      # grows the buckets to the last one
+        self.on_tokens(last, 0, replica)                  # grows the buckets to the last one
         np.add.at(self.replica_tokens[replica], b, n)
 
-    def sample_steps(self, i: int, times: np.ndarray, waiting: int, running: int, kv_used: np.ndarray) -> None:
+    def sample_steps(self, i: int, times: list, waiting: int, running: int, kv_used) -> None:
         """sample() at each of the (increasing) times, with the same test, so the same samples are kept."""
         st = self.replicas[i]
-        j = 0
-        while True:
-            due = np.flatnonzero(times[j:] - st.last_sample >= self.sample_interval_s)
-            if not len(due):
-                return
-            j += int(due[0])
-            st.samples.append((float(times[j]), waiting, running, int(kv_used[j])))
-            st.last_sample = float(times[j])
-            j += 1
+        last, iv = st.last_sample, self.sample_interval_s
+        for j, t in enumerate(times):
+            if t - last >= iv:
+                st.samples.append((t, waiting, running, int(kv_used[j])))
+                last = t
+        st.last_sample = last
 
     def sample(self, i: int, now: float, waiting: int, running: int, kv_used: int, force: bool = False) -> None:
         st = self.replicas[i]

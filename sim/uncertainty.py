@@ -15,7 +15,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 from .intervals import LEVEL, verdict
 
@@ -58,7 +58,7 @@ def model_half(point: float, xs, q: float) -> float:
     """The model's half-width at quantile q of t(R) (0.975: a two-sided 95% interval): t x the runs' root mean
     square deviation from the unperturbed value."""
     xs = np.asarray(xs, dtype=float)
-    return float(stats.t.ppf(q, len(xs)) * np.sqrt(np.mean((xs - point) ** 2)))
+    return float(special.stdtrit(len(xs), q) * np.sqrt(np.mean((xs - point) ** 2)))
 
 
 def model_error_runs(cfg, base, runs: int, progress=None, workers: int | None = None) -> dict:
