@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from servesim.sim.request import FINISHED
+
 
 class BatchingPolicy(Protocol):
     def schedule(self, q, now: float) -> list: ...
@@ -306,7 +308,9 @@ class FairShare(ContinuousBatching):
     the running request of the most-served tenant (latest admitted among equals).
 
     Tokens served in a run of decode steps that skipped the scheduler (the fast path) are counted at the next
-    schedule() from the requests' progress. Tokens are summed as integers and divided by the weight only when
+    schedule() from the requests' progress, those of requests that finished in the run too; a tenant whose
+    requests all finished before that schedule() was idle (as the plain path sees at the step end where the
+    last one finished). Tokens are summed as integers and divided by the weight only when
     compared, so the counters, and every decision, are the plain path's to the bit."""
 
     def __init__(self, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill=True, weights=None):
@@ -314,8 +318,9 @@ class FairShare(ContinuousBatching):
         self.weights = dict(weights or {})
         self.served: dict[str, int] = {}       # tokens served per tenant
         self.lift: dict[str, float] = {}       # credit added when an idle tenant became backlogged
-        self._seen: dict[int, int] = {}        # running request id -> tokens it had been counted for
+        self._seen: dict[int, tuple] = {}      # running request id -> (request, tokens it had been counted for)
         self._backlogged: set = set()
+        self._present: list = []               # the requests waiting or running at the last schedule()
 
     def counter(self, tenant: str) -> float:
         return self.lift.get(tenant, 0.0) + self.served.get(tenant, 0) / self.weights.get(tenant, 1.0)
@@ -327,10 +332,14 @@ class FairShare(ContinuousBatching):
         self.served[tenant] = self.served.get(tenant, 0) + tokens
 
     def schedule(self, q, now: float) -> list:
-        for r in q.running:                    # progress made without a schedule() call (decode runs)
-            done = r.num_computed - self._seen.get(r.id, r.num_computed)
+        for r, seen in self._seen.values():     # progress made without a schedule() call (decode runs), by
+            done = r.num_computed - seen         # the requests running then, those that finished in a run too
             if done > 0:
                 self._serve(r.tenant, done)
+        # a tenant whose requests here at the last schedule() have all finished before now was idle in between
+        # (at the end of a decode run, or while the replica slept): not backlogged any more
+        stayed = {r.tenant for r in self._present if not (r.outcome == FINISHED and r.finish < now)}
+        self._backlogged &= stayed
         active = {r.tenant for r in q.waiting} | {r.tenant for r in q.running}
         floor = [self.counter(t) for t in active & self._backlogged]
         for t in active - self._backlogged:    # newly backlogged: no credit for the idle time
@@ -339,8 +348,9 @@ class FairShare(ContinuousBatching):
         out = super().schedule(q, now)
         for r, n in out:
             self._serve(r.tenant, n)
-        self._seen = {r.id: r.num_computed for r in q.running}
+        self._seen = {r.id: (r, r.num_computed) for r in q.running}
         for r, n in out:
-            self._seen[r.id] = r.num_computed + n
-        self._backlogged = {r.tenant for r in q.waiting} | {r.tenant for r in q.running}
+            self._seen[r.id] = (r, r.num_computed + n)
+        self._present = list(q.waiting) + q.running
+        self._backlogged = {r.tenant for r in self._present}
         return out

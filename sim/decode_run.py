@@ -6,9 +6,11 @@ effects (new KV blocks on block boundaries, ITL samples, token counts, replica c
 are array operations. A run is planned when it starts and committed when it ends; the replica waits on
 one event meanwhile.
 
-A run ends before:
-- a request's last token (its finish goes through the plain step, which frees and reports it);
-- a step whose new blocks do not fit (preemption is the policy's decision);
+A run ends:
+- with the step that gives a request its last token (that step's end goes through the replica's plain
+  completion, `Replica._complete`, which frees and reports the finished requests; the steps before it are
+  committed in closed form), after which the replica may start the next run at once;
+- before a step whose new blocks do not fit (preemption is the policy's decision);
 - a step ending at or after the replica's horizon (the cluster's next arrival when routing or admission
   reads state a run changes, such as KV usage) or sim.max_sim_time_s;
 - and, cut short while it runs, the first step that starts at or after an arrival routed to this replica
@@ -20,6 +22,7 @@ the bit; the counters too are sequential sums (np.add.accumulate adds left to ri
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 
 import numpy as np
 
@@ -27,7 +30,7 @@ from servesim.hwmodels.step_time import BatchShape
 
 
 class DecodeRun:
-    __slots__ = ("reqs", "ctx", "ends", "secs", "flops", "nbytes", "parts", "grows", "n")
+    __slots__ = ("reqs", "ctx", "ends", "secs", "flops", "nbytes", "parts", "grows", "n", "natural")
 
     @classmethod
     def plan(cls, replica, stop: float) -> DecodeRun | None:
@@ -35,7 +38,7 @@ class DecodeRun:
         pool, now = replica.pool, replica.env.now
         reqs = replica.running
         ctx = []                                  # tokens cached before the first step
-        k = 1 << 62                               # steps before anyone's last token
+        k = 1 << 62                               # steps until someone's last token, that one included
         for r in reqs:
             c, out = r.num_computed, r.num_output
             if not out or c != r.prompt_tokens + out - 1:       # not decoding
@@ -43,7 +46,6 @@ class DecodeRun:
             ctx.append(c)
             if r.output_tokens - out < k:
                 k = r.output_tokens - out
-        k -= 1
         if k < 2:
             return None
         b, bs = len(reqs), pool.block_size
@@ -65,7 +67,7 @@ class DecodeRun:
             grows[-c % bs].append(i)
         run = cls()
         run.reqs, run.ctx, run.ends, run.secs, run.flops, run.nbytes, run.parts = reqs.copy(), ctx, ends, secs, flops, nbytes, parts
-        run.grows, run.n = grows, n
+        run.grows, run.n, run.natural = grows, n, k if n == k else -1
         free = pool.num_free                                         # nothing is freed during a run
         if run._grown(n) > free:
             taken = 0
@@ -99,44 +101,54 @@ class DecodeRun:
         a run adds them when it commits): what a crash at t finds in use beyond the pool's count."""
         return self._grown(min(int(np.searchsorted(self.ends[: self.n], t, side="left")), self.n))
 
-    def _register(self, pool, end_t: list) -> None:
-        """Publish the blocks the run's tokens filled, as the plain path does at the end of each step (step by
-        step, running order within a step): request i's block fills in step s when ctx_i + s + 1 is a multiple
+    def _register(self, pool, end_t: list, m: int) -> None:
+        """Publish the blocks the tokens of the run's first m steps filled, as the plain path does at the end of
+        each step (step by step, running order within a step): request i's block fills in step s when ctx_i + s + 1 is a multiple
         of the block size."""
         bs, reqs = pool.block_size, self.reqs
         fills = [[] for _ in range(bs)]
         for i, c in enumerate(self.ctx):
             fills[(-c - 1) % bs].append(i)
-        for s in range(self.n):
+        for s in range(m):
             for i in fills[s % bs]:
                 pool.now = end_t[s + 1]
                 c = self.ctx[i] + s + 1
                 pool.register_full_blocks(reqs[i], c - 1, c)
 
+    @property
+    def finishes(self) -> bool:
+        """The run ran to its last step, where a request finished: the batch may be steady again at once."""
+        return self.n == self.natural
+
     def commit(self, replica) -> None:
-        """Apply the run's n steps to the replica, its pool, its requests and the metrics."""
+        """Apply the run's n steps to the replica, its pool, its requests and the metrics: what happens as each
+        step starts (blocks, samples, counters) for all n, the ends of the first n - 1 in closed form, then the
+        last step's end as the plain path completes a step."""
         n, ends, pool, metrics = self.n, self.ends, replica.pool, replica.metrics
+        if not n:
+            return
         b, reqs = len(self.reqs), self.reqs
-        if n:
-            grows, bs = self.grows, len(self.grows)
-            times = ends[: n + 1].tolist()
-            per_step = [len(grows[j % bs]) for j in range(n)]
-            kv_used = pool.num_used + np.cumsum(per_step)            # blocks referenced during each step
-            pool.append_blocks_at([(reqs[i], times[j]) for j in range(n) for i in grows[j % bs]])
-            metrics.sample_steps(replica.index, times[:n], 0, b, kv_used)
-            replica.stats.add_steps(self.secs[:n], self.flops[:n], self.nbytes[:n], self.parts[:, :n], 0, b, kv_used)
-            if metrics.trace is not None:
-                metrics.trace.steps(replica.index, ends[:n], self.secs[:n], 0, b, kv_used, 0, b, self.parts[:, :n])
+        grows, bs = self.grows, len(self.grows)
+        times = ends[: n + 1].tolist()
+        # blocks referenced during each step
+        kv_used = np.array(list(accumulate((len(grows[j % bs]) for j in range(n)), initial=pool.num_used))[1:])
+        pool.append_blocks_at([(reqs[i], times[j]) for j in range(n) for i in grows[j % bs]])
+        metrics.sample_steps(replica.index, times[:n], 0, b, kv_used)
+        replica.stats.add_steps(self.secs[:n], self.flops[:n], self.nbytes[:n], self.parts[:, :n], 0, b, kv_used)
+        if metrics.trace is not None:
+            metrics.trace.steps(replica.index, ends[:n], self.secs[:n], 0, b, kv_used, 0, b, self.parts[:, :n])
+        m = n - 1                                           # step ends in closed form
+        if m:
             online = sum(r.job < 0 for r in reqs) if replica.num_batch else b
             if online:                                      # ITL is online traffic's (as the latency table)
-                metrics.itl.add_array(np.diff(ends[: n + 1]), online, ends[1 : n + 1])
-            metrics.on_tokens_array(ends[1 : n + 1], b, replica.index)
+                metrics.itl.add_array(ends[1:n] - ends[:m], online, ends[1:n])
+            metrics.on_tokens_array(ends[1:n], b, replica.index)
             if pool.caching:
-                self._register(pool, times)
-        t = float(ends[n])
-        pool.now = t
-        for r in reqs:
-            r.num_computed += n
-            r.num_output += n
-            if n:
+                self._register(pool, times, m)
+            t = times[m]
+            for r in reqs:
+                r.num_computed += m
+                r.num_output += m
                 r.last_token = t
+        batch = [(r, 1) for r in reqs if not r.outcome] if replica.cancelled else [(r, 1) for r in reqs]
+        replica._complete(batch, times[n])

@@ -306,21 +306,32 @@ class Replica:
                 self._complete(batch, env.now)
                 # cheap tests first: every request of the step sampled (none is mid-prompt), and a next step as
                 # long as this one would not already meet the next event
-                if (self.fast_decode and sampled == len(batch) and self.running and env.now + dt < self.horizon()
-                        and self.scheduler.steady_decode(self)):
-                    run = DecodeRun.plan(self, min(self.horizon(), self.stop_time))
-                    if run is not None:
-                        self._run, self._run_end = run, at_time(env, run.end, COMPLETE)
-                        yield self._run_end             # moved earlier if an arrival cuts the run (add)
-                        if self.epoch != epoch:
-                            continue
-                        self._run = None
-                        run.commit(self)
-                        if self.check_invariants:
-                            pool.check(live=self.running)
+                if (self.fast_decode and sampled == len(batch) and self.running and not self.cancelled
+                        and env.now + dt < self.horizon() and self.scheduler.steady_decode(self)):
+                    yield from self._decode_runs(epoch)
             else:
                 self._launch(batch, now, dt)
                 yield env.timeout(self.stage_free[0] - now)
+
+    def _decode_runs(self, epoch: int):
+        """Decode runs (sim/decode_run.py), one after another while each ends with a finish that leaves the
+        batch steady: nothing else happened at its end instant, nothing was cancelled and the policy agrees."""
+        env, pool = self.env, self.pool
+        while True:
+            run = DecodeRun.plan(self, min(self.horizon(), self.stop_time))
+            if run is None:
+                return
+            self._run, self._run_end = run, at_time(env, run.end, COMPLETE)
+            yield self._run_end                 # moved earlier if an arrival cuts the run (add)
+            if self.epoch != epoch:
+                return
+            self._run = None
+            run.commit(self)
+            if self.check_invariants:
+                pool.check(live=self.running)
+            if not (run.finishes and self.running and not self.cancelled and env.peek() > env.now
+                    and self.scheduler.steady_decode(self)):
+                return
 
     def _blocker(self, tokens: int, preempted: bool) -> str:
         """What kept the head of the queue out of this step (attribution: what caps the batch)."""

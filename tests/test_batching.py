@@ -246,3 +246,36 @@ def test_fair_share_splits_an_overloaded_replica_by_weight():
 def test_fair_share_keeps_the_fast_and_plain_paths_identical():
     from test_fast_decode import _same
     _same(_two_tenants({"name": "fair", "weights": {"a": 1, "b": 3}}))
+
+
+def test_fair_share_counts_tokens_of_requests_that_finish_inside_a_decode_run():
+    """Under light load decode runs end with a finish: the finished request's tokens served in the run still
+    reach its tenant's counter, as in the plain path, where every step went through schedule(). Every schedule()
+    of the fast path leaves the counters as the plain path's schedule() at that instant does."""
+    from test_fast_decode import _same
+    snaps: list = []
+    schedule = FairShare.schedule
+
+    def recording_schedule(self, q, now):
+        out = schedule(self, q, now)
+        snaps[-1][round(now, 9)] = (dict(self.served), dict(self.lift))
+        return out
+
+    init = FairShare.__init__
+
+    def recording_init(self, *a, **k):
+        init(self, *a, **k)
+        snaps.append({})
+    raw = _two_tenants({"name": "fair", "weights": {"a": 1, "b": 3}})
+    for part in raw["workload"]["parts"]:
+        part.update(num_requests=60)
+        part["arrival"]["rate"] = 2.0
+    FairShare.schedule, FairShare.__init__ = recording_schedule, recording_init
+    try:
+        _same(raw)
+    finally:
+        FairShare.schedule, FairShare.__init__ = schedule, init
+    fast, plain = snaps
+    assert len(fast) < 0.5 * len(plain)                  # runs skipped most schedule() calls
+    for t, counters in fast.items():
+        assert plain[t] == counters, t
