@@ -318,20 +318,28 @@ class RooflineModel:
 
     def decode_steps(self, ctx, k: int, first: StepTime | None = None):
         """k consecutive pure-decode steps in closed form (a test holds them equal to step_time one by one):
-        from one step to the next only the decode attention changes, its KV lengths summing b more. ctx: the
-        cached tokens of each sequence (a list); first: step 0's StepTime when the caller has it.
+        from one step to the next only the decode attention changes, its KV lengths summing b more, so its
+        compute and memory terms grow by a constant each step. ctx: the cached tokens of each sequence (a list);
+        first: step 0's StepTime when the caller has it.
         Returns seconds, FLOPs, bytes and the 4 x k split (compute, memory, collective, overhead)."""
         b = len(ctx)
         st = first if first is not None else self.step_time(BatchShape(decode_cached=[int(c) for c in ctx], num_sampled=b))
-        C = float(sum(ctx)) + b + b * np.arange(k, dtype=float)      # sum of KV lengths at each step
-        attn, fs, bs, ac = self._decode_attention(C, b, np.maximum)
-        secs = st.seconds + (attn - attn[0])
+        p, s0, kv_tok, hd, L = self.p_dec, self.p_dec.seq_overhead, self.kv_tok, self.hd, self.layers
+        C0 = float(sum(ctx)) + b                                        # sum of KV lengths in step 0
+        ce, me = self.peak16 * p.compute_efficiency, self.bw * p.memory_efficiency
+        row = kv_tok + (self.heads * self.ab if p.naive else 0)         # bytes read per KV token
+        j = np.arange(k, dtype=float)
+        ct = (4.0 * hd * (C0 + b * s0) / ce + p.compute_offset_s) + j * (4.0 * hd * b / ce)
+        mt = ((C0 * row + b * 2 * hd * self.ab + b * s0 * kv_tok) / me + p.memory_offset_s) + j * (b * row / me)
+        attn = L * np.maximum(ct, mt)
+        ac = attn * (ct >= mt)                                          # the share bound by compute
+        secs = attn + (st.seconds - attn[0])
         secs[0] = st.seconds
         parts = np.empty((4, k))
-        parts[0] = st.compute_s + (ac - ac[0])
-        parts[1] = st.memory_s + ((attn - ac) - (attn[0] - ac[0]))
+        parts[0] = ac + (st.compute_s - ac[0])
+        parts[1] = (attn - ac) + (st.memory_s - (attn[0] - ac[0]))
         parts[2] = st.collective_s
         parts[3] = st.overhead_s
         parts[:, 0] = st[3:]
-        g, L = self.tp, self.layers
-        return secs, st.flops + g * L * (fs - fs[0]), st.bytes + g * L * (bs - bs[0]), parts
+        g = self.tp * L
+        return secs, st.flops + j * (g * 4.0 * hd * b), st.bytes + j * (g * kv_tok * b), parts

@@ -16,8 +16,9 @@ A run ends:
 - and, cut short while it runs, the first step that starts at or after an arrival routed to this replica
   (`cut`): as in the plain path, whose next schedule after the arrival is at the end of the step then
   running (or at the arrival instant itself, between steps).
-Step end times are summed one by one, as successive timeouts would, so the clock is the plain path's to
-the bit; the counters too are sequential sums (np.add.accumulate adds left to right).
+Step end times are summed one by one, as successive timeouts would (np.add.accumulate adds left to right);
+the steps' durations come from the closed form, within 1e-12 of the plain path's step_time, and so do the
+counters (summed at once).
 """
 from __future__ import annotations
 
