@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import special
 
 SECTIONS = 10
 LEVEL = 0.95
@@ -29,6 +28,7 @@ def interval(point: float | None, per_section: list[float], level: float = LEVEL
     vals = np.array([v for v in per_section if v is not None and v == v], dtype=float)
     if point is None or point != point or len(vals) < 2:
         return None
+    from scipy import special          # here: its import costs a run with intervals off a third of a second
     half = special.stdtrit(len(vals) - 1, 0.5 + level / 2) * vals.std(ddof=1) / np.sqrt(len(vals))
     return [max(float(point - half), 0.0), float(point + half)]     # every statistic here is non-negative
 
