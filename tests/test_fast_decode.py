@@ -174,3 +174,38 @@ def test_kv_offload_tiers_with_evictions_during_decode_runs():
     res, df = _same(raw)
     assert df["loaded_prompt_tokens"].sum() > 0
     assert list(df["loaded_prompt_tokens"]) == list(run_fast_and_plain(raw)[1][1]["loaded_prompt_tokens"])
+
+
+def test_runs_end_with_a_finish_and_chain_without_the_policy(tmp_path):
+    """Four requests admitted together, nothing arriving after: one schedule() (the admission step), then decode
+    runs that each end with the step finishing a request and start the next at once. Steps of exactly
+    0.125 s + 0.0078125 s per decoding sequence (linear model): request i finishes after its o_i steps."""
+    from servesim.policies.batching import ContinuousBatching
+    trace = tmp_path / "t.csv"
+    outs = [5, 9, 9, 20]
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n" + "".join(f"0.0,16,{o}\n" for o in outs))
+    raw = _fast_base()
+    raw["fleet"]["replicas"][0]["perf_model"] = {"name": "linear", "base_s": 0.125, "per_decode_seq_s": 0.0078125}
+    raw["workload"] = {"kind": "trace", "path": str(trace)}
+    calls = []
+    schedule = ContinuousBatching.schedule
+
+    def counting(self, q, now):
+        calls.append(now)
+        return schedule(self, q, now)
+    ContinuousBatching.schedule = counting
+    try:
+        res, df = run_raw(raw)
+    finally:
+        ContinuousBatching.schedule = schedule
+    assert calls == [0.0]
+    # step 1: four prefills (0.125 s); then decode steps of 0.125 + 0.0078125 x (requests still running)
+    t, finish, running = 0.125, [], 4
+    for step in range(2, max(outs) + 1):
+        t += 0.125 + 0.0078125 * running
+        running -= sum(o == step for o in outs)
+        finish += [t] * sum(o == step for o in outs)
+    assert df["finish_s"].tolist() == finish                  # exact: every step time is a binary fraction
+    assert df["first_token_s"].tolist() == [0.125] * 4
+    assert res.metrics.replicas[0].iterations == max(outs)
+    _same(raw)
