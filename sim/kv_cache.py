@@ -1,8 +1,9 @@
 """Paged KV block pool with prefix caching (the mechanism; eviction order is a policy's sort key).
 
 Blocks are referenced by running requests (ref > 0) or free. A free block that holds a registered
-prefix hash stays cached until it is evicted; eviction pops the smallest policy key from one lazy
-heap. Invariants (check()): no block both free and referenced; used + free = total.
+prefix hash stays cached until it is evicted; eviction pops the smallest (policy key, free order) entry
+of two lazy queues: a deque of entries that arrived in order (LRU's keys, the time freed, always do: O(1))
+and a heap of the others. Invariants (check()): no block both free and referenced; used + free = total.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class BlockPool:
         self.by_hash: dict = {}
         self.free_plain: deque[int] = deque(range(num_blocks))
         self._heap: list = []
+        self._sorted: deque = deque()     # entries pushed in key order (LRU's, nearly all): popped without the heap
         self._stamp = [0] * num_blocks     # heap entry is valid only while its stamp matches
         self._seq = 0
         self.num_cached_free = 0
@@ -190,7 +192,7 @@ class BlockPool:
         self.ref, self.hash, self.hits = [0] * n, [None] * n, [0] * n
         self.by_hash, self.pins = {}, {}
         self.free_plain = deque(range(n))
-        self._heap, self._stamp = [], [0] * n
+        self._heap, self._sorted, self._stamp = [], deque(), [0] * n
         self.num_cached_free = self.num_used = 0
         if self.offload is not None:
             self.offload.clear()
@@ -219,7 +221,11 @@ class BlockPool:
                 else:
                     self._seq += 1
                     self._stamp[b] = self._seq
-                    heapq.heappush(self._heap, (self.eviction.key(self, b), self._seq, b))
+                    entry = (self.eviction.key(self, b), self._seq, b)
+                    if not self._sorted or entry > self._sorted[-1]:
+                        self._sorted.append(entry)      # still sorted: a deque, O(1)
+                    else:
+                        heapq.heappush(self._heap, entry)
                     self.num_cached_free += 1
 
     def _take(self, b: int) -> int:
@@ -235,9 +241,13 @@ class BlockPool:
     def _pop_free(self) -> int:
         if self.free_plain:
             return self.free_plain.popleft()
-        while True:
-            key, seq, b = heapq.heappop(self._heap)
-            if self._stamp[b] == seq:
+        heap, ordered, stamp = self._heap, self._sorted, self._stamp
+        while True:                           # the smaller head of the two, skipping invalidated entries
+            if ordered and (not heap or ordered[0] < heap[0]):
+                key, seq, b = ordered.popleft()
+            else:
+                key, seq, b = heapq.heappop(heap)
+            if stamp[b] == seq:
                 break
         self.last_evicted_key = key
         self._stamp[b] = -1
@@ -273,7 +283,7 @@ class BlockPool:
         ref = self.ref
         plain = set(self.free_plain)
         assert len(plain) == len(self.free_plain), "a block is twice in the free list"
-        cached_free = {b for _, s, b in self._heap if self._stamp[b] == s}
+        cached_free = {b for _, s, b in [*self._heap, *self._sorted] if self._stamp[b] == s}
         assert not (plain & cached_free), "a block is both plain-free and cached-free"
         for b in plain | cached_free:
             assert ref[b] == 0, f"free block {b} is referenced (ref={ref[b]})"

@@ -83,6 +83,41 @@ def test_eviction_order_is_the_policy_sort_key(policy, expected):
     assert pool.evictions == 2 and pool.by_hash == {}
 
 
+class _Scripted:
+    """Eviction keys read from a table: some freed blocks get keys below earlier ones (they go to the heap),
+    the others above (they go to the in-order deque)."""
+
+    def __init__(self, keys):
+        self.keys = keys
+
+    def key(self, pool, block):
+        return self.keys[block]
+
+
+def test_eviction_follows_the_key_order_across_the_heap_and_the_in_order_queue():
+    keys = [5.0, 7.0, 1.0, 7.0, 3.0, 9.0, 2.0, 8.0]           # block -> key; 7.0 twice: ties go by free order
+    pool = BlockPool(9, 4, enable_prefix_caching=True, eviction=_Scripted(keys))
+    rs = [req(i, 4, ids=[100 + i], tb=4) for i in range(8)]
+    for r in rs:
+        pool.allocate(r, 4)
+        pool.register_full_blocks(r, 0, 4)
+    assert [r.blocks[0] for r in rs] == list(range(8))
+    for r in rs:                                               # free blocks 0..7 in order
+        pool.free(r)
+    hit = req(20, 8, ids=[104, 999], tb=4)        # a prefix hit takes block 4 back (its entry goes stale) and
+    assert pool.lookup(hit, 7) == [4]             # the plain block 8
+    pool.allocate(hit, 8, [4])
+    assert hit.blocks == [4, 8]
+    pool.check(live=[hit])
+    evicted = []
+    for i in range(7):                            # the cached blocks by (key, free order)
+        r = req(30 + i, 4)
+        pool.allocate(r, 4)
+        evicted.append(r.blocks[0])
+    assert evicted == [2, 6, 0, 1, 3, 7, 5]
+    assert pool.evictions == 7 and pool.num_free == 0
+
+
 def test_lfu_evicts_the_least_hit_block_first_then_the_least_recent():
     pool = BlockPool(4, 4, enable_prefix_caching=True, eviction=LFU())
     blocks = {}
