@@ -147,8 +147,13 @@ class BlockPool:
                 blocks.append(b)
             self.num_used += need
             return
-        for _ in range(need):
-            req.blocks.append(self._take(self._pop_free()))
+        blocks, ref, last_used, now = req.blocks, self.ref, self.last_used, self.now
+        for _ in range(need):                 # _pop_free gives unreferenced, unhashed blocks: _take inlined
+            b = self._pop_free()
+            ref[b] = 1
+            last_used[b] = now
+            blocks.append(b)
+        self.num_used += need
 
     def append_blocks_at(self, grows: list) -> None:
         """One new block for each (req, t) of grows, in order, taken at time t: append_blocks(req, 1) at each
