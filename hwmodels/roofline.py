@@ -300,9 +300,9 @@ class RooflineModel:
         g = self.tp  # ops are per GPU; the replica's FLOPs and bytes are tp x those (MFU over all GPUs)
         return t + self.overhead_s, g * f_all, g * b_all, tc, tm, tcol, self.overhead_s
 
-    def _decode_attention(self, C, nd, maximum=max):
-        """Decode attention of nd sequences whose KV lengths sum to C: seconds over all layers, useful FLOPs
-        and bytes of one layer, and the seconds bound by compute. C may be an array of such sums (with maximum=np.maximum): decode_steps."""
+    def _decode_terms(self, C, nd):
+        """Decode attention of nd sequences whose KV lengths sum to C, one layer: the compute and memory terms of
+        its roofline, its useful FLOPs and bytes. All are affine in C (decode_steps extrapolates them)."""
         p, s0, kv_tok = self.p_dec, self.p_dec.seq_overhead, self.kv_tok
         fs = 4.0 * self.hd * C
         bs = C * kv_tok + nd * 2 * self.hd * self.ab
@@ -312,9 +312,14 @@ class RooflineModel:
             be = be + C * self.heads * self.ab
         ct = fe / (self.peak16 * p.compute_efficiency) + p.compute_offset_s
         mt = be / (self.bw * p.memory_efficiency) + p.memory_offset_s
-        t = self.layers * maximum(ct, mt)
-        t_compute = t * (ct >= mt)                   # the share bound by compute (all or nothing per step)
-        return t, fs, bs, t_compute
+        return ct, mt, fs, bs
+
+    def _decode_attention(self, C, nd):
+        """Decode attention's seconds over all layers, useful FLOPs and bytes of one layer, and the seconds bound
+        by compute (all or nothing)."""
+        ct, mt, fs, bs = self._decode_terms(C, nd)
+        t = self.layers * max(ct, mt)
+        return t, fs, bs, t * (ct >= mt)
 
     def decode_steps(self, ctx, k: int, first: StepTime | None = None):
         """k consecutive pure-decode steps in closed form (a test holds them equal to step_time one by one):
@@ -324,14 +329,12 @@ class RooflineModel:
         Returns seconds, FLOPs, bytes and the 4 x k split (compute, memory, collective, overhead)."""
         b = len(ctx)
         st = first if first is not None else self.step_time(BatchShape(decode_cached=[int(c) for c in ctx], num_sampled=b))
-        p, s0, kv_tok, hd, L = self.p_dec, self.p_dec.seq_overhead, self.kv_tok, self.hd, self.layers
         C0 = float(sum(ctx)) + b                                        # sum of KV lengths in step 0
-        ce, me = self.peak16 * p.compute_efficiency, self.bw * p.memory_efficiency
-        row = kv_tok + (self.heads * self.ab if p.naive else 0)         # bytes read per KV token
+        ct0, mt0, fs0, bs0 = self._decode_terms(C0, b)
+        ct1, mt1, fs1, bs1 = self._decode_terms(C0 + b, b)              # one step later
         j = np.arange(k, dtype=float)
-        ct = (4.0 * hd * (C0 + b * s0) / ce + p.compute_offset_s) + j * (4.0 * hd * b / ce)
-        mt = ((C0 * row + b * 2 * hd * self.ab + b * s0 * kv_tok) / me + p.memory_offset_s) + j * (b * row / me)
-        attn = L * np.maximum(ct, mt)
+        ct, mt = ct0 + j * (ct1 - ct0), mt0 + j * (mt1 - mt0)
+        attn = self.layers * np.maximum(ct, mt)
         ac = attn * (ct >= mt)                                          # the share bound by compute
         secs = attn + (st.seconds - attn[0])
         secs[0] = st.seconds
@@ -341,5 +344,5 @@ class RooflineModel:
         parts[2] = st.collective_s
         parts[3] = st.overhead_s
         parts[:, 0] = st[3:]
-        g = self.tp * L
-        return secs, st.flops + j * (g * 4.0 * hd * b), st.bytes + j * (g * kv_tok * b), parts
+        g = self.tp * self.layers
+        return secs, st.flops + j * (g * (fs1 - fs0)), st.bytes + j * (g * (bs1 - bs0)), parts
