@@ -106,14 +106,12 @@ class DecodeRun:
         """Publish the blocks the tokens of the run's first m steps filled, as the plain path does at the end of
         each step (step by step, running order within a step): request i's block fills in step s when ctx_i + s + 1 is a multiple
         of the block size."""
-        bs, reqs = pool.block_size, self.reqs
-        fills = [[] for _ in range(bs)]
-        for i, c in enumerate(self.ctx):
-            fills[(-c - 1) % bs].append(i)
+        bs, reqs, ctx = pool.block_size, self.reqs, self.ctx
+        fills = self.grows[1:] + self.grows[:1]         # a block fills in the step before the next one starts
         for s in range(m):
+            pool.now = end_t[s + 1]
             for i in fills[s % bs]:
-                pool.now = end_t[s + 1]
-                c = self.ctx[i] + s + 1
+                c = ctx[i] + s + 1
                 pool.register_full_blocks(reqs[i], c - 1, c)
 
     @property

@@ -135,37 +135,20 @@ class BlockPool:
         return True
 
     def append_blocks(self, req: Request, need: int) -> None:
-        """`need` new blocks for req; the caller has checked num_free (a decode run: one block at a time)."""
-        plain = self.free_plain
-        if need <= len(plain):                # plain-free blocks: unreferenced and unhashed, so no _take
-            ref, last_used, now, pop = self.ref, self.last_used, self.now, plain.popleft
-            blocks = req.blocks
-            for _ in range(need):
-                b = pop()
-                ref[b] = 1
-                last_used[b] = now
-                blocks.append(b)
-            self.num_used += need
-            return
-        blocks, ref, last_used, now = req.blocks, self.ref, self.last_used, self.now
-        for _ in range(need):                 # _pop_free gives unreferenced, unhashed blocks: _take inlined
-            b = self._pop_free()
-            ref[b] = 1
-            last_used[b] = now
-            blocks.append(b)
-        self.num_used += need
+        """`need` new blocks for req, now; the caller has checked num_free."""
+        self.append_blocks_at([(req, self.now)] * need)
 
     def append_blocks_at(self, grows: list) -> None:
-        """One new block for each (req, t) of grows, in order, taken at time t: append_blocks(req, 1) at each
-        (a decode run's block boundaries, step by step); the caller has checked num_free."""
+        """One new block for each (req, t) of grows, in order, taken at time t (a decode run's block boundaries,
+        step by step); the caller has checked num_free. Plain-free blocks first, then evicted ones: both come
+        unreferenced and unhashed, so no _take."""
         plain = self.free_plain
-        if len(grows) > len(plain):
-            for req, t in grows:
-                self.now = t
-                self.append_blocks(req, 1)
-            return
-        ref, last_used, pop = self.ref, self.last_used, plain.popleft
+        evict = len(grows) > len(plain)
+        pop = self._pop_free if evict else plain.popleft
+        ref, last_used = self.ref, self.last_used
         for req, t in grows:
+            if evict:
+                self.now = t                  # when the eviction happens (refetch window, eviction hooks)
             b = pop()
             ref[b] = 1
             last_used[b] = t
