@@ -286,7 +286,7 @@ def simulate(cfg: Config, base_dir: Path | None = None, progress=None, measured_
     trace_steps: record every iteration in metrics.trace (sim/trace_events.py); trace_decisions: every routing,
     admission, preemption and eviction decision in metrics.decisions (sim/decisions.py). until: stop there too;
     route_override: (decision index, replica) forced; step_error: roofline op times scaled per GPU and class
-    (a model-error run, sim/model_error_runs.py)."""
+    (a model-error run, sim/uncertainty.py)."""
     t0 = time.perf_counter()
     env = simpy.Environment()
     metrics = Metrics(sum(g.count for g in cfg.fleet.replicas), cfg.output.sample_interval_s)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 
 import numpy as np
 from scipy import special
@@ -79,17 +80,11 @@ def model_error_runs(cfg, base, runs: int, progress=None, workers: int | None = 
     quiet = cfg.model_copy(update={"output": cfg.output.model_copy(update={"ci": False, "plots": False})})
     jobs = [(quiet, base, d) for d in draws]
     workers = min(runs, workers or os.cpu_count() or 1)
-    if workers > 1 and not others:       # forked workers; a measured backend (torch) stays in one process
-        with ProcessPoolExecutor(workers) as ex:
-            out = []
-            for v in ex.map(_one, jobs):
-                out.append(v)
-                if progress:
-                    progress(len(out), runs)
-    else:
-        out = []
-        for j in jobs:
-            out.append(_one(j))
+    pool = workers > 1 and not others    # forked workers; a measured backend (torch) stays in one process
+    out = []
+    with ProcessPoolExecutor(workers) if pool else nullcontext() as ex:
+        for v in (ex.map if pool else map)(_one, jobs):
+            out.append(v)
             if progress:
                 progress(len(out), runs)
     info["factors"] = draws
