@@ -21,7 +21,7 @@ from .catalog import GPU, ModelSpec
 from .memory import dtype_bytes, engine_constants, kv_bytes_per_token
 from .ops import all_reduce_time, attention_time, gemm, inter_node_bandwidth, moe_imbalance
 from .profile import profile_for
-from .step_time import BatchShape, StepTime
+from .step_time import BatchShape, DecodeSteps, StepTime
 
 LAYER_OPS = ("norm", "qkv_proj", "rope", "attn_prefill", "attn_decode", "o_proj", "add", "mlp_up", "mlp_act",
              "mlp_down", "moe_router", "moe_experts", "all_to_all", "all_reduce")
@@ -321,28 +321,74 @@ class RooflineModel:
         t = self.layers * max(ct, mt)
         return t, fs, bs, t * (ct >= mt)
 
-    def decode_steps(self, ctx, k: int, first: StepTime | None = None):
+    def decode_steps(self, ctx, k: int, first: StepTime | None = None) -> DecodeSteps:
         """k consecutive pure-decode steps in closed form (a test holds them equal to step_time one by one):
         from one step to the next only the decode attention changes, its KV lengths summing b more, so its
-        compute and memory terms grow by a constant each step. ctx: the cached tokens of each sequence (a list);
-        first: step 0's StepTime when the caller has it.
-        Returns seconds, FLOPs, bytes and the 4 x k split (compute, memory, collective, overhead)."""
+        compute and memory terms, FLOPs and bytes grow by a constant each step. ctx: the cached tokens of each
+        sequence (a list); first: step 0's StepTime when the caller has it."""
         b = len(ctx)
         st = first if first is not None else self.step_time(BatchShape(decode_cached=[int(c) for c in ctx], num_sampled=b))
         C0 = float(sum(ctx)) + b                                        # sum of KV lengths in step 0
         ct0, mt0, fs0, bs0 = self._decode_terms(C0, b)
         ct1, mt1, fs1, bs1 = self._decode_terms(C0 + b, b)              # one step later
+        return AffineDecodeSteps(st, k, self.layers, self.tp * self.layers, ct0, ct1 - ct0, mt0, mt1 - mt0,
+                                 fs1 - fs0, bs1 - bs0)
+
+
+class AffineDecodeSteps(DecodeSteps):
+    """Roofline decode steps: step j's attention compute and memory terms are ct0 + j dct and mt0 + j dmt (one
+    layer), the rest of the step is step 0's. The attention binds on the larger term, and which one changes at
+    most once in a run (their difference is affine in j), so over a stretch bound by one term the sums are
+    closed forms; the per-step FLOPs, bytes and split are built only when asked for (tracing)."""
+    __slots__ = ("st", "k", "L", "g", "ct0", "dct", "mt0", "dmt", "dfs", "dbs")
+
+    def __init__(self, st: StepTime, k: int, L: int, g: int, ct0, dct, mt0, dmt, dfs, dbs):
+        self.st, self.k, self.L, self.g = st, k, L, g
+        self.ct0, self.dct, self.mt0, self.dmt, self.dfs, self.dbs = ct0, dct, mt0, dmt, dfs, dbs
         j = np.arange(k, dtype=float)
-        ct, mt = ct0 + j * (ct1 - ct0), mt0 + j * (mt1 - mt0)
-        attn = self.layers * np.maximum(ct, mt)
-        ac = attn * (ct >= mt)                                          # the share bound by compute
-        secs = attn + (st.seconds - attn[0])
-        secs[0] = st.seconds
-        parts = np.empty((4, k))
+        bound = self._bound(k)
+        if bound is not None:           # one term binds every step: seconds grow by L x its slope per step
+            self.secs = st.seconds + j * (L * (dct if bound else dmt))
+        else:
+            self.secs = self._attn(j)[0] + (st.seconds - L * max(ct0, mt0))
+            self.secs[0] = st.seconds
+        self.flops = self.nbytes = self.parts = None
+
+    def _bound(self, n: int):
+        """True if the compute term binds steps 0 to n - 1 alike, False if the memory term does, None if it
+        changes among them."""
+        c0 = self.ct0 >= self.mt0
+        return c0 if (self.ct0 + (n - 1) * self.dct >= self.mt0 + (n - 1) * self.dmt) == c0 else None
+
+    def _attn(self, j):
+        """Attention seconds (all layers) of steps j, and the share of them bound by compute."""
+        ct, mt = self.ct0 + j * self.dct, self.mt0 + j * self.dmt
+        attn = self.L * np.maximum(ct, mt)
+        return attn, attn * (ct >= mt)
+
+    def arrays(self, n: int):
+        st, j = self.st, np.arange(n, dtype=float)
+        attn, ac = self._attn(j)
+        parts = np.empty((4, n))
         parts[0] = ac + (st.compute_s - ac[0])
         parts[1] = (attn - ac) + (st.memory_s - (attn[0] - ac[0]))
         parts[2] = st.collective_s
         parts[3] = st.overhead_s
         parts[:, 0] = st[3:]
-        g = self.tp * self.layers
-        return secs, st.flops + j * (g * (fs1 - fs0)), st.bytes + j * (g * (bs1 - bs0)), parts
+        return (self.secs[:n], st.flops + j * (self.g * self.dfs), st.bytes + j * (self.g * self.dbs), parts)
+
+    def sums(self, n: int) -> tuple[float, float, list[float]]:
+        st, L = self.st, self.L
+        tri = n * (n - 1) / 2                                   # sum of j over the n steps
+        bound = self._bound(n)
+        if bound is None:                                       # the binding term changes inside the run
+            attn, ac = self._attn(np.arange(n, dtype=float))
+            A, AC = float(attn.sum()), float(ac.sum())
+        else:
+            A = L * (n * self.ct0 + tri * self.dct) if bound else L * (n * self.mt0 + tri * self.dmt)
+            AC = A if bound else 0.0
+        a0 = L * max(self.ct0, self.mt0)
+        ac0 = a0 if self.ct0 >= self.mt0 else 0.0
+        return (n * st.flops + tri * self.g * self.dfs, n * st.bytes + tri * self.g * self.dbs,
+                [n * (st.compute_s - ac0) + AC, n * (st.memory_s - (a0 - ac0)) + (A - AC), n * st.collective_s,
+                 n * st.overhead_s])

@@ -50,11 +50,28 @@ class StepTimeModel(Protocol):
     def step_time(self, batch: BatchShape) -> StepTime: ...
 
 
-def decode_steps(model, ctx, k: int, first: StepTime | None = None):
-    """(seconds, flops, bytes, parts) arrays of k consecutive pure-decode steps of one batch (parts: 4 x k, the
-    StepTime split in PARTS order): step j decodes one token for every sequence, on ctx + j cached tokens
-    (ctx: a list of ints; first, when given, is step 0's StepTime, already computed). Each step priced by
-    model.step_time, so a run of steps costs exactly what k separate steps would."""
+class DecodeSteps:
+    """k consecutive pure-decode steps of one batch (a decode run's pricing): `secs`, each step's seconds (an
+    array: the run sums step ends from it), and the FLOPs, bytes and StepTime split (PARTS) of each step, which
+    the run needs per step only when tracing (`arrays`) and otherwise summed over its first n steps (`sums`)."""
+    __slots__ = ("secs", "flops", "nbytes", "parts")
+
+    def __init__(self, secs, flops, nbytes, parts):
+        self.secs, self.flops, self.nbytes, self.parts = secs, flops, nbytes, parts   # parts: 4 x k
+
+    def arrays(self, n: int):
+        """(seconds, FLOPs, bytes, parts 4 x n) of the first n steps."""
+        return self.secs[:n], self.flops[:n], self.nbytes[:n], self.parts[:, :n]
+
+    def sums(self, n: int) -> tuple[float, float, list[float]]:
+        """FLOPs, bytes and the four parts summed over the first n steps."""
+        return float(self.flops[:n].sum()), float(self.nbytes[:n].sum()), self.parts[:, :n].sum(axis=1).tolist()
+
+
+def decode_steps(model, ctx, k: int, first: StepTime | None = None) -> DecodeSteps:
+    """k consecutive pure-decode steps of one batch: step j decodes one token for every sequence, on ctx + j
+    cached tokens (ctx: a list of ints; first, when given, is step 0's StepTime, already computed). Each step
+    priced by model.step_time, so a run of steps costs exactly what k separate steps would."""
     import numpy as np
     out = np.empty((7, k))
     n = len(ctx)
@@ -62,4 +79,4 @@ def decode_steps(model, ctx, k: int, first: StepTime | None = None):
         st = first if j == 0 and first is not None else \
             model.step_time(BatchShape(decode_cached=[int(c) + j for c in ctx], num_sampled=n))
         out[:, j] = st
-    return out[0], out[1], out[2], out[3:]
+    return DecodeSteps(out[0], out[1], out[2], out[3:])

@@ -31,7 +31,7 @@ from servesim.hwmodels.step_time import BatchShape
 
 
 class DecodeRun:
-    __slots__ = ("reqs", "ctx", "ends", "secs", "flops", "nbytes", "parts", "grows", "n", "natural")
+    __slots__ = ("reqs", "ctx", "ends", "secs", "steps", "grows", "n", "natural")
 
     @classmethod
     def plan(cls, replica, stop: float) -> DecodeRun | None:
@@ -56,9 +56,8 @@ class DecodeRun:
             if now + first.seconds >= stop:
                 return None
             k = min(k, int((stop - now) / first.seconds) + 1)
-        secs, flops, nbytes, parts = replica.model.decode_steps(ctx, k, first)
-        if replica.slow != 1.0:                    # a straggler: as the plain step, dt = seconds x slow
-            secs = secs * replica.slow
+        steps = replica.model.decode_steps(ctx, k, first)
+        secs = steps.secs if replica.slow == 1.0 else steps.secs * replica.slow   # a straggler: as the plain step
         ends = np.add.accumulate(np.concatenate(([now], secs)))     # step j runs from ends[j] to ends[j + 1]
         n = int(np.searchsorted(ends[1:], stop, side="left")) if stop != math.inf else k   # steps ending before stop
         # step j gives request i a new block when its token lands on a block boundary: (ctx_i + j) % bs == 0,
@@ -67,7 +66,7 @@ class DecodeRun:
         for i, c in enumerate(ctx):
             grows[-c % bs].append(i)
         run = cls()
-        run.reqs, run.ctx, run.ends, run.secs, run.flops, run.nbytes, run.parts = reqs.copy(), ctx, ends, secs, flops, nbytes, parts
+        run.reqs, run.ctx, run.ends, run.secs, run.steps = reqs.copy(), ctx, ends, secs, steps
         run.grows, run.n, run.natural = grows, n, k if n == k else -1
         free = pool.num_free                                         # nothing is freed during a run
         if run._grown(n) > free:
@@ -133,9 +132,9 @@ class DecodeRun:
         kv_used = np.array(list(accumulate((len(grows[j % bs]) for j in range(n)), initial=pool.num_used))[1:])
         pool.append_blocks_at([(reqs[i], times[j]) for j in range(n) for i in grows[j % bs]])
         metrics.sample_steps(replica.index, times[:n], 0, b, kv_used)
-        replica.stats.add_steps(self.secs[:n], self.flops[:n], self.nbytes[:n], self.parts[:, :n], 0, b, kv_used)
+        replica.stats.add_steps(self.secs[:n], *self.steps.sums(n), 0, b, kv_used)
         if metrics.trace is not None:
-            metrics.trace.steps(replica.index, ends[:n], self.secs[:n], 0, b, kv_used, 0, b, self.parts[:, :n])
+            metrics.trace.steps(replica.index, ends[:n], self.secs[:n], 0, b, kv_used, 0, b, self.steps.arrays(n)[3])
         m = n - 1                                           # step ends in closed form
         if m:
             online = sum(r.job < 0 for r in reqs) if replica.num_batch else b

@@ -177,19 +177,19 @@ class ReplicaStats:
         p[3] += st.overhead_s / pp
         p[4] += load_s
 
-    def add_steps(self, dt, flops, nbytes, parts, prefill: int, decode: int, kv_used) -> None:
-        """add_step for each element of the arrays (parts: 4 x n, the StepTime split; a decode run's steps,
-        priced in closed form, so their sums need not be added one by one: within 1e-12 of the per-step path)."""
+    def add_steps(self, dt, flops: float, nbytes: float, parts: list, prefill: int, decode: int, kv_used) -> None:
+        """add_step for each of the steps whose seconds are dt (a decode run's, priced in closed form, so their
+        FLOPs, bytes and 4 parts come summed: within 1e-12 of the per-step path)."""
         n = len(dt)
         k = 1 if prefill else 0
         p = self.kind_parts[k]
-        busy = float(dt.sum())
+        busy = float(np.add.reduce(dt))
         self.busy_s += busy
         self.kind_s[k] += busy
-        self.flops += float(flops.sum())
-        self.bytes += float(nbytes.sum())
+        self.flops += flops
+        self.bytes += nbytes
         self.kv_block_seconds += float(kv_used @ dt)
-        for i, x in enumerate(parts.sum(axis=1).tolist()):
+        for i, x in enumerate(parts):
             p[i] += x
         self.iterations += n
         self.prefill_tokens += prefill * n

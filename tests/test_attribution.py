@@ -39,7 +39,7 @@ def test_roofline_split_sums_to_the_step_time(name, tp, pp, ep, dtype):
         for part in st[3:]:
             assert part >= 0
     ctx = rnd.integers(1, 4000, 40)
-    fast, slow = m.decode_steps(ctx, 200), decode_steps(m, ctx, 200)
+    fast, slow = m.decode_steps(ctx, 200).arrays(200), decode_steps(m, ctx, 200).arrays(200)
     np.testing.assert_allclose(fast[3], slow[3], rtol=1e-12, atol=1e-18)     # the split of each step too
     np.testing.assert_allclose(fast[3].sum(axis=0), fast[0], rtol=1e-12)
 

@@ -6,7 +6,7 @@ import pytest
 from servesim.hwmodels.catalog import GIB, get_gpu, get_model
 from servesim.hwmodels.memory import kv_bytes_per_token, plan_memory
 from servesim.hwmodels.roofline import RooflineModel
-from servesim.hwmodels.step_time import BatchShape
+from servesim.hwmodels.step_time import BatchShape, StepTime
 from servesim.sim.errors import CapacityError
 
 H100, L8B = get_gpu("H100-SXM"), get_model("meta-llama/Llama-3.1-8B")
@@ -250,5 +250,32 @@ def test_closed_form_decode_runs_equal_step_by_step_pricing():
             ctx = rnd.integers(1, 4000, rnd.integers(1, 64))
             fast = m.decode_steps(ctx, 300)
             slow = decode_steps(m, ctx, 300)
-            for a, b in zip(fast, slow):
+            np.testing.assert_allclose(fast.secs, slow.secs, rtol=1e-12)
+            for a, b in zip(fast.arrays(300), slow.arrays(300)):
                 np.testing.assert_allclose(a, b, rtol=1e-12)
+            for n in (1, 2, 17, 300):                     # a run's totals, in closed form, over its first n steps
+                (f, b, parts), (f2, b2, parts2) = fast.sums(n), slow.sums(n)
+                assert (f, b) == pytest.approx((f2, b2), rel=1e-12)
+                np.testing.assert_allclose(parts, parts2, rtol=1e-12, atol=1e-18)
+
+
+def test_closed_form_decode_sums_follow_the_binding_term_when_it_changes_inside_a_run():
+    """Attention bound by memory up to step 40 and by compute from step 41 on (ct0 + j dct >= mt0 + j dmt from
+    j = 40.5): a run's split sums (closed form on each stretch, arrays across the change) equal the per-step
+    split summed, and each step's seconds are step 0's plus the growth of the larger term."""
+    import numpy as np
+    from servesim.hwmodels.roofline import AffineDecodeSteps
+    st = StepTime(0.01 + 3 * 1e-4, 5e12, 2e10, 0.004, 0.006 + 3 * 1e-4, 0.0, 0.0)   # step 0: attention memory-bound
+    steps = AffineDecodeSteps(st, 100, 3, 6, 0.5e-4, 2e-6, 1e-4, 0.765432e-6, 7.0, 11.0)
+    j = np.arange(100)
+    attn = 3 * np.maximum(0.5e-4 + j * 2e-6, 1e-4 + j * 0.765432e-6)
+    np.testing.assert_allclose(steps.secs, st.seconds + attn - attn[0], rtol=1e-12)
+    assert steps._bound(40) is False and steps._bound(41) is False and steps._bound(42) is None
+    secs, flops, nbytes, parts = steps.arrays(100)
+    assert (parts[0][:41] == st.compute_s).all() and (parts[0][41:] > st.compute_s).all()
+    np.testing.assert_allclose(parts.sum(axis=0), secs, rtol=1e-12)
+    np.testing.assert_allclose(flops, 5e12 + 6 * 7.0 * j, rtol=1e-15)
+    for n in (1, 40, 41, 42, 100):
+        f, b, p = steps.sums(n)
+        assert f == pytest.approx(flops[:n].sum(), rel=1e-14) and b == pytest.approx(nbytes[:n].sum(), rel=1e-14)
+        np.testing.assert_allclose(p, parts[:, :n].sum(axis=1), rtol=1e-12)
