@@ -471,25 +471,25 @@ def summary_markdown(rep: dict) -> str:
 def write_outputs(result, out_dir: Path, plots: bool = True, model_runs: dict | None = None) -> dict:
     """model_runs: the perturbed runs of sim/uncertainty.py, whose spread joins the report's intervals."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    from .export import prometheus_text, replica_rates, write_csv
     attempts = request_table(result)
     rep = build_report(result, attempts)
     if model_runs is not None and result.config.output.ci:
         from .uncertainty import apply
         apply(rep, model_runs)
-    attempts.to_csv(out_dir / "requests.csv", index=False)
+    write_csv(attempts, out_dir / "requests.csv")
     df = final_attempts(attempts)
     ts = timeseries(result)
-    ts.to_csv(out_dir / "timeseries.csv", index=False)
-    from .export import prometheus_text, replica_rates
+    write_csv(ts, out_dir / "timeseries.csv")
     rates = replica_rates(result, df, slo_met(df, result.config))
-    rates.to_csv(out_dir / "replica_rates.csv", index=False)
+    write_csv(rates, out_dir / "replica_rates.csv")
     (out_dir / "metrics.prom").write_text(prometheus_text(ts, rates))
     if result.metrics.decisions is not None:
         result.metrics.decisions.write(out_dir / "decisions.jsonl.gz")
     if result.session_logs is not None:
-        session_table(result).to_csv(out_dir / "sessions.csv", index=False)
+        write_csv(session_table(result), out_dir / "sessions.csv")
     if result.workload.job_specs:
-        job_table(result).to_csv(out_dir / "jobs.csv", index=False)
+        write_csv(job_table(result), out_dir / "jobs.csv")
     (out_dir / "report.json").write_text(json.dumps(rep, indent=2, allow_nan=False, default=_jsonable) + "\n")
     md = summary_markdown(rep)
     (out_dir / "summary.md").write_text(md)
