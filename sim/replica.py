@@ -19,7 +19,7 @@ from collections import deque
 from servesim.hwmodels.step_time import BatchShape
 
 from .decode_run import DecodeRun
-from .instant import COMPLETE, SCHEDULE, at, at_time, move
+from .instant import COMPLETE, SCHEDULE, advance, at, at_time, move
 from .request import FINISHED
 
 
@@ -298,9 +298,10 @@ class Replica:
                                    self.num_running, st, load_s, self.pp)
             if self.pp == 1:
                 epoch = self.epoch
-                yield env.timeout(dt)
-                if self.epoch != epoch:                  # it crashed during the step: nothing came of it
-                    continue
+                if now + dt >= self.stop_time or not advance(env, now + dt):   # (as env.timeout(dt) computes it)
+                    yield env.timeout(dt)
+                    if self.epoch != epoch:              # it crashed during the step: nothing came of it
+                        continue
                 if self.cancelled:                       # given up during the step: their tokens are dropped
                     batch = [x for x in batch if not x[0].outcome]
                 self._complete(batch, env.now)
@@ -321,11 +322,12 @@ class Replica:
             run = DecodeRun.plan(self, min(self.horizon(), self.stop_time))
             if run is None:
                 return
-            self._run, self._run_end = run, at_time(env, run.end, COMPLETE)
-            yield self._run_end                 # moved earlier if an arrival cuts the run (add)
-            if self.epoch != epoch:
-                return
-            self._run = None
+            if not advance(env, run.end):       # (plan ends a run before stop_time)
+                self._run, self._run_end = run, at_time(env, run.end, COMPLETE)
+                yield self._run_end             # moved earlier if an arrival cuts the run (add)
+                if self.epoch != epoch:
+                    return
+                self._run = None
             run.commit(self)
             if self.check_invariants:
                 pool.check(live=self.running)
