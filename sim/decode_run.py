@@ -7,9 +7,9 @@ are array operations. A run is planned when it starts and committed when it ends
 one event meanwhile.
 
 A run ends:
-- with the step that gives a request its last token (that step's end goes through the replica's plain
-  completion, `Replica._complete`, which frees and reports the finished requests; the steps before it are
-  committed in closed form), after which the replica may start the next run at once;
+- with the step that gives a request its last token (the tokens of all steps are applied at once, the
+  finished requests freed and reported as the plain path's completion does: `Replica._complete_run`),
+  after which the replica may start the next run at once;
 - before a step whose new blocks do not fit (preemption is the policy's decision);
 - a step ending at or after the replica's horizon (the cluster's next arrival when routing or admission
   reads state a run changes, such as KV usage) or sim.max_sim_time_s;
@@ -120,16 +120,17 @@ class DecodeRun:
 
     def commit(self, replica) -> None:
         """Apply the run's n steps to the replica, its pool, its requests and the metrics: what happens as each
-        step starts (blocks, samples, counters) for all n, the ends of the first n - 1 in closed form, then the
-        last step's end as the plain path completes a step."""
+        step starts (blocks, samples, counters) for all n, the ends of the first n - 1 in closed form (ITL, token
+        counts, prefix blocks), then the requests' tokens and the finishes (Replica._complete_run)."""
         n, ends, pool, metrics = self.n, self.ends, replica.pool, replica.metrics
         if not n:
             return
         b, reqs = len(self.reqs), self.reqs
         grows, bs = self.grows, len(self.grows)
         times = ends[: n + 1].tolist()
-        # blocks referenced during each step
-        kv_used = np.array(list(accumulate((len(grows[j % bs]) for j in range(n)), initial=pool.num_used))[1:])
+        # blocks referenced during each step: those before it, plus the step's new ones (a cycle of bs steps)
+        per_step = ([len(g) for g in grows] * (n // bs + 1))[:n]
+        kv_used = np.array(list(accumulate(per_step, initial=pool.num_used))[1:])
         pool.append_blocks_at([(reqs[i], times[j]) for j in range(n) for i in grows[j % bs]])
         metrics.sample_steps(replica.index, times[:n], 0, b, kv_used)
         replica.stats.add_steps(self.secs[:n], *self.steps.sums(n), 0, b, kv_used)
@@ -143,10 +144,4 @@ class DecodeRun:
             metrics.on_tokens_array(ends[1:n], b, replica.index)
             if pool.caching:
                 self._register(pool, times, m)
-            t = times[m]
-            for r in reqs:
-                r.num_computed += m
-                r.num_output += m
-                r.last_token = t
-        batch = [(r, 1) for r in reqs if not r.outcome] if replica.cancelled else [(r, 1) for r in reqs]
-        replica._complete(batch, times[n])
+        replica._complete_run(reqs, n, times[m], times[n])

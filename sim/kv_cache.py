@@ -25,8 +25,8 @@ class BlockPool:
         self.eviction = eviction
         self.ref = [0] * num_blocks
         self.hash: list = [None] * num_blocks
-        self.last_used = [0.0] * num_blocks   # when taken or freed: read by eviction keys only (not kept on
-                                              # free without caching, where no block is ever evicted)
+        self.last_used = [0.0] * num_blocks   # when last freed: read by eviction keys, computed then (not kept
+                                              # without caching, where no block is ever evicted)
         self.hits = [0] * num_blocks
         self.cached_since = [0.0] * num_blocks
         self.by_hash: dict = {}
@@ -136,7 +136,15 @@ class BlockPool:
 
     def append_blocks(self, req: Request, need: int) -> None:
         """`need` new blocks for req, now; the caller has checked num_free."""
-        self.append_blocks_at([(req, self.now)] * need)
+        plain = self.free_plain
+        if need > len(plain):                # some come from evicting cached blocks
+            return self.append_blocks_at([(req, self.now)] * need)
+        take, ref = plain.popleft, self.ref
+        new = [take() for _ in range(need)]
+        for b in new:
+            ref[b] = 1
+        req.blocks += new
+        self.num_used += need
 
     def append_blocks_at(self, grows: list) -> None:
         """One new block for each (req, t) of grows, in order, taken at time t (a decode run's block boundaries,
@@ -145,13 +153,12 @@ class BlockPool:
         plain = self.free_plain
         evict = len(grows) > len(plain)
         pop = self._pop_free if evict else plain.popleft
-        ref, last_used = self.ref, self.last_used
+        ref = self.ref
         for req, t in grows:
             if evict:
                 self.now = t                  # when the eviction happens (refetch window, eviction hooks)
             b = pop()
             ref[b] = 1
-            last_used[b] = t
             req.blocks.append(b)
         self.num_used += len(grows)
 
@@ -223,7 +230,6 @@ class BlockPool:
                 self._stamp[b] = -1
                 self.num_cached_free -= 1
         self.ref[b] += 1
-        self.last_used[b] = self.now
         return b
 
     def _pop_free(self) -> int:

@@ -205,7 +205,8 @@ class Metrics:
         self.replicas = [ReplicaStats() for _ in range(num_replicas)]
         self.sample_interval_s = sample_interval_s
         self.bucket_s = bucket_s
-        self.replica_tokens = np.zeros((num_replicas, 1024), dtype=np.int64)   # output tokens per replica and bucket
+        self._tokens = [[] for _ in range(num_replicas)]   # output tokens per replica and bucket (Python lists:
+        self._buckets = 0                                  # one += per step, cheaper than a numpy element)
         # Little's law instrument: time-integral of requests in the system, kept independently
         self.in_system = 0
         self.done = 0                   # finished or rejected
@@ -228,29 +229,43 @@ class Metrics:
         self._in_system_step(now, -1)
 
     @property
+    def replica_tokens(self) -> np.ndarray:
+        """Output tokens per replica (rows) and bucket of bucket_s seconds (columns, up to the last one reached)."""
+        out = np.zeros((len(self._tokens), max(self._buckets, 1)), dtype=np.int64)
+        for i, row in enumerate(self._tokens):
+            out[i, :len(row)] = row
+        return out
+
+    @property
     def tokens_per_bucket(self) -> np.ndarray:
         """Output tokens of the whole fleet per bucket."""
         return self.replica_tokens.sum(axis=0)
 
+    def _row(self, replica: int, b: int) -> list:
+        """replica's list of tokens per bucket, long enough to hold bucket b."""
+        row = self._tokens[replica]
+        if b >= len(row):
+            row.extend([0] * (b + 1 - len(row)))
+            if b >= self._buckets:
+                self._buckets = b + 1
+        return row
+
     def on_tokens(self, now: float, n: int, replica: int) -> None:
         """n output tokens sampled at `now` by `replica`."""
         b = int(now / self.bucket_s)
-        have = self.replica_tokens.shape[1]
-        if b >= have:
-            grow = np.zeros((len(self.replicas), max(b + 1, 2 * have)), dtype=np.int64)
-            grow[:, :have] = self.replica_tokens
-            self.replica_tokens = grow
-        self.replica_tokens[replica, b] += n
+        self._row(replica, b)[b] += n
 
     def on_tokens_array(self, times: np.ndarray, n: int, replica: int) -> None:
         """on_tokens(t, n, replica) for each of the (increasing) times."""
-        last = float(times[-1])
-        if int(float(times[0]) / self.bucket_s) == int(last / self.bucket_s):     # one bucket (the common case)
-            self.on_tokens(last, n * len(times), replica)
+        first = int(float(times[0]) / self.bucket_s)
+        last = int(float(times[-1]) / self.bucket_s)
+        row = self._row(replica, last)
+        if first == last:                                   # one bucket (the common case)
+            row[last] += n * len(times)
             return
-        b = (times / self.bucket_s).astype(np.int64)
-        self.on_tokens(last, 0, replica)                  # grows the buckets to the last one
-        np.add.at(self.replica_tokens[replica], b, n)
+        counts = np.bincount((times / self.bucket_s).astype(np.int64) - first).tolist()
+        for j, c in enumerate(counts):
+            row[first + j] += n * c
 
     def sample_steps(self, i: int, times: list, waiting: int, running: int, kv_used) -> None:
         """sample() at each of the (increasing) times, with the same test, so the same samples are kept."""

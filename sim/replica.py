@@ -402,11 +402,7 @@ class Replica:
             if caching:
                 pool.register_full_blocks(req, old, old + n)
             if req.lost and old + n >= req.lost:           # its KV is back: the preemption's cost ends
-                d = now - req.preempted_at
-                req.preempted_s += d
-                if req.num_output == 0:
-                    req.preempted_ttft_s += d
-                req.lost = 0
+                self._recovered(req, now)
             if old + n == req.prompt_tokens + req.num_output:     # req.num_tokens
                 req.num_output += 1
                 sampled += 1
@@ -421,15 +417,62 @@ class Replica:
                     gaps.append(now - req.last_token)
                 req.last_token = now
                 if req.num_output == req.output_tokens:
-                    req.finish = now
-                    req.outcome = FINISHED
-                    if req.retain_key is not None:       # its session keeps the KV for its next turn
-                        pool.pin(req.retain_key, req)
-                    pool.free(req)
-                    if self._release:
-                        self._release(req.id)
+                    self._finish(req, now)
                     finished.append(req)
         itl.add_list(gaps, now)
+        self._step_done(finished, sampled, now)
+
+    def _complete_run(self, reqs: list, n: int, prev: float, now: float) -> None:
+        """The end of a decode run's n steps (DecodeRun.commit has applied their blocks and metrics): each request
+        has n more tokens, the last at now, the one before at prev (n > 1). As n calls of _complete would leave it,
+        without the branches a decoding request cannot take."""
+        pool = self.pool
+        pool.now = now
+        caching, cancelled = pool.caching, self.cancelled
+        finished, gaps = [], []
+        sampled, single = 0, n == 1
+        for req in reqs:
+            if cancelled and req.outcome:          # given up during the run: its last token is dropped
+                req.num_computed += n - 1
+                req.num_output += n - 1
+                req.last_token = prev
+                continue
+            sampled += 1
+            c = req.num_computed + n
+            req.num_computed = c
+            if caching:
+                pool.register_full_blocks(req, c - 1, c)
+            if req.lost and c >= req.lost:
+                self._recovered(req, now)
+            out = req.num_output = req.num_output + n
+            if req.job < 0:                          # (as the run's steps, one after another, set last_token)
+                gaps.append(now - (req.last_token if single else prev))
+            req.last_token = now
+            if out == req.output_tokens:
+                self._finish(req, now)
+                finished.append(req)
+        self.metrics.itl.add_list(gaps, now)
+        self._step_done(finished, sampled, now)
+
+    def _recovered(self, req, now: float) -> None:
+        d = now - req.preempted_at
+        req.preempted_s += d
+        if req.num_output == 0:
+            req.preempted_ttft_s += d
+        req.lost = 0
+
+    def _finish(self, req, now: float) -> None:
+        req.finish = now
+        req.outcome = FINISHED
+        if req.retain_key is not None:       # its session keeps the KV for its next turn
+            self.pool.pin(req.retain_key, req)
+        self.pool.free(req)
+        if self._release:
+            self._release(req.id)
+
+    def _step_done(self, finished: list, sampled: int, now: float) -> None:
+        """After a step's tokens: the finished (or handed-off) requests leave, tokens are counted."""
+        pool = self.pool
         if finished:
             self.running = [r for r in self.running if r.outcome != FINISHED and not r.handoff]
             self.outstanding -= len(finished)
