@@ -49,6 +49,13 @@ class ContinuousBatching:
         without calling schedule() (sim/replica.py, fast decode)."""
         return not q.waiting and len(q.running) <= self.budget
 
+    def steady_chunk(self, q) -> int:
+        """Prompt tokens the newest running request, mid-prompt, gets each step while nothing arrives, finishes
+        or runs short of memory and every other running request decodes: the budget their decodes leave (they
+        come first, in running order). The engine may then advance its chunks without calling schedule()
+        (sim/decode_run.py). 0: not steady."""
+        return self.budget - (len(q.running) - 1) if self.steady_decode(q) else 0
+
     # --- what the subclasses change ---------------------------------------------------------
     def key(self, req, now: float):
         """Admission order among waiting requests (smallest first; ties by queue position); None: FCFS."""

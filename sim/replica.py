@@ -258,8 +258,8 @@ class Replica:
                     continue
                 raise RuntimeError(f"replica {self.index}: nothing schedulable with {len(self.waiting)} waiting "
                                    f"and {len(self.running)} running at t={now}; this is a servesim bug")
-            shape = BatchShape()
-            decode, pre_new, pre_cached = shape.decode_cached, shape.prefill_new, shape.prefill_cached
+            decode, pre_new, pre_cached = [], [], []
+            shape = BatchShape(pre_new, pre_cached, decode)
             sampled = 0
             load_s, self.pending_s = self.pending_s, 0.0  # swap-outs of this schedule, then loads below
             for req, n in batch:
@@ -305,9 +305,9 @@ class Replica:
                 if self.cancelled:                       # given up during the step: their tokens are dropped
                     batch = [x for x in batch if not x[0].outcome]
                 self._complete(batch, env.now)
-                # cheap tests first: every request of the step sampled (none is mid-prompt), and a next step as
-                # long as this one would not already meet the next event
-                if (self.fast_decode and sampled == len(batch) and self.running and not self.cancelled
+                # cheap tests first: every request of the step sampled but at most one (mid-prompt: DecodeRun.plan
+                # checks it is the newest), and a next step as long as this one would not already meet the next event
+                if (self.fast_decode and sampled >= len(batch) - 1 and self.running and not self.cancelled
                         and env.now + dt < self.horizon() and self.scheduler.steady_decode(self)):
                     yield from self._decode_runs(epoch)
             else:

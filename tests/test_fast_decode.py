@@ -209,3 +209,48 @@ def test_runs_end_with_a_finish_and_chain_without_the_policy(tmp_path):
     assert df["first_token_s"].tolist() == [0.125] * 4
     assert res.metrics.replicas[0].iterations == max(outs)
     _same(raw)
+
+
+def test_a_prompt_s_remaining_chunks_head_a_run(tmp_path):
+    """A decodes alone; B arrives at 1 s with a 100-token prompt and the budget is 32 tokens. The plain path
+    admits B at the end of the step running then, with a first chunk of 31 (A's decode takes one token); B's
+    remaining chunks (31, 31, 7) head a run, one a step beside A's decodes, then A and B decode in its tail
+    until B's last token; A's last run follows. Two schedule() calls; the exact timeline (linear model, steps
+    of 0.125 s + 1/1024 s per prompt token + 1/128 s per decoding sequence: binary fractions)."""
+    from servesim.policies.batching import ContinuousBatching
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n0.0,16,40\n1.0,100,5\n")
+    raw = _fast_base()
+    raw["fleet"]["replicas"][0]["engine"] = {"max_num_batched_tokens": 32, "enable_chunked_prefill": True}
+    raw["fleet"]["replicas"][0]["perf_model"] = {"name": "linear", "base_s": 0.125, "per_prefill_token_s": 1 / 1024,
+                                                 "per_decode_seq_s": 1 / 128}
+    raw["workload"] = {"kind": "trace", "path": str(trace)}
+    calls = []
+    schedule = ContinuousBatching.schedule
+
+    def counting(self, q, now):
+        calls.append(now)
+        return schedule(self, q, now)
+    ContinuousBatching.schedule = counting
+    try:
+        res, df = run_raw(raw)
+    finally:
+        ContinuousBatching.schedule = schedule
+    _, steps, cuts = _count_fast_steps(raw)
+    t = a_first = 0.125 + 16 / 1024                        # A's prompt
+    for _ in range(7):                                     # A's decodes; B arrives during the 7th
+        t += 0.125 + 1 / 128
+    assert calls == [0.0, t]                               # the arrival cut A's run after that step
+    for chunk in (31, 31, 31, 7):                          # B's chunks beside A's decodes: the first admitted
+        t += 0.125 + chunk / 1024 + 1 / 128                # by the policy, the others a run's head
+    b_first = t
+    for _ in range(4):                                     # the tail: A and B decode, until B's fifth token
+        t += 0.125 + 2 / 128
+    b_finish = t
+    for _ in range(40 - 1 - 7 - 4 - 4):                    # A alone again
+        t += 0.125 + 1 / 128
+    assert df["first_token_s"].tolist() == [a_first, b_first]
+    assert df["finish_s"].tolist() == [t, b_finish]
+    assert res.metrics.replicas[0].iterations == 40             # A is in every step: one token each
+    assert cuts == 1 and steps == 40 - 2                        # all but the two policy steps ran in runs
+    _same(raw)
