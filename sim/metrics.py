@@ -75,7 +75,8 @@ class StreamingHistogram:
             idx = np.floor(np.log10(np.maximum(v, 1e-300) / self.LO) * self.PER_DECADE).astype(np.int64) + 1
         np.clip(idx, 0, self.counts.size - 1, out=idx)
         nb = self.counts.size
-        self.counts += np.bincount(idx, weights=w, minlength=nb).astype(np.int64)
+        delta = np.bincount(idx, weights=w, minlength=nb).astype(np.int64)
+        self.counts += delta
         rows = len(self.by_section)
         if self.t0 is None:
             self.t0 = float(t.min())
@@ -86,7 +87,13 @@ class StreamingHistogram:
             s[rows // 2:] = 0
             self.section_s *= 2
         sec = np.minimum((t / self.section_s).astype(np.int64), rows - 1)
-        self.by_section += np.bincount(sec * nb + idx, weights=w, minlength=rows * nb).astype(np.int64).reshape(rows, nb)
+        lo, hi = int(sec.min()), int(sec.max())
+        if lo == hi:                                            # one section (the usual case): all of delta
+            self.by_section[lo] += delta
+            return
+        for k in range(lo, hi + 1):
+            m = sec == k
+            self.by_section[k] += np.bincount(idx[m], weights=None if w is None else w[m], minlength=nb).astype(np.int64)
 
     def section_quantiles(self, q: float, min_count: int = 1) -> list:
         """The q-quantile of each time section with at least min_count values (for sectioning intervals)."""
