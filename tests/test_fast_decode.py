@@ -176,17 +176,9 @@ def test_kv_offload_tiers_with_evictions_during_decode_runs():
     assert list(df["loaded_prompt_tokens"]) == list(run_fast_and_plain(raw)[1][1]["loaded_prompt_tokens"])
 
 
-def test_runs_end_with_a_finish_and_chain_without_the_policy(tmp_path):
-    """Four requests admitted together, nothing arriving after: one schedule() (the admission step), then decode
-    runs that each end with the step finishing a request and start the next at once. Steps of exactly
-    0.125 s + 0.0078125 s per decoding sequence (linear model): request i finishes after its o_i steps."""
+def _run_counting_schedules(raw):
+    """Run raw with the fast path on; return (result, request table, the times schedule() was called)."""
     from servesim.policies.batching import ContinuousBatching
-    trace = tmp_path / "t.csv"
-    outs = [5, 9, 9, 20]
-    trace.write_text("arrival_s,prompt_tokens,output_tokens\n" + "".join(f"0.0,16,{o}\n" for o in outs))
-    raw = _fast_base()
-    raw["fleet"]["replicas"][0]["perf_model"] = {"name": "linear", "base_s": 0.125, "per_decode_seq_s": 0.0078125}
-    raw["workload"] = {"kind": "trace", "path": str(trace)}
     calls = []
     schedule = ContinuousBatching.schedule
 
@@ -198,6 +190,20 @@ def test_runs_end_with_a_finish_and_chain_without_the_policy(tmp_path):
         res, df = run_raw(raw)
     finally:
         ContinuousBatching.schedule = schedule
+    return res, df, calls
+
+
+def test_runs_end_with_a_finish_and_chain_without_the_policy(tmp_path):
+    """Four requests admitted together, nothing arriving after: one schedule() (the admission step), then decode
+    runs that each end with the step finishing a request and start the next at once. Steps of exactly
+    0.125 s + 0.0078125 s per decoding sequence (linear model): request i finishes after its o_i steps."""
+    trace = tmp_path / "t.csv"
+    outs = [5, 9, 9, 20]
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n" + "".join(f"0.0,16,{o}\n" for o in outs))
+    raw = _fast_base()
+    raw["fleet"]["replicas"][0]["perf_model"] = {"name": "linear", "base_s": 0.125, "per_decode_seq_s": 0.0078125}
+    raw["workload"] = {"kind": "trace", "path": str(trace)}
+    res, df, calls = _run_counting_schedules(raw)
     assert calls == [0.0]
     # step 1: four prefills (0.125 s); then decode steps of 0.125 + 0.0078125 x (requests still running)
     t, finish, running = 0.125, [], 4
@@ -217,7 +223,6 @@ def test_a_prompt_s_remaining_chunks_head_a_run(tmp_path):
     remaining chunks (31, 31, 7) head a run, one a step beside A's decodes, then A and B decode in its tail
     until B's last token; A's last run follows. Two schedule() calls; the exact timeline (linear model, steps
     of 0.125 s + 1/1024 s per prompt token + 1/128 s per decoding sequence: binary fractions)."""
-    from servesim.policies.batching import ContinuousBatching
     trace = tmp_path / "t.csv"
     trace.write_text("arrival_s,prompt_tokens,output_tokens\n0.0,16,40\n1.0,100,5\n")
     raw = _fast_base()
@@ -225,17 +230,7 @@ def test_a_prompt_s_remaining_chunks_head_a_run(tmp_path):
     raw["fleet"]["replicas"][0]["perf_model"] = {"name": "linear", "base_s": 0.125, "per_prefill_token_s": 1 / 1024,
                                                  "per_decode_seq_s": 1 / 128}
     raw["workload"] = {"kind": "trace", "path": str(trace)}
-    calls = []
-    schedule = ContinuousBatching.schedule
-
-    def counting(self, q, now):
-        calls.append(now)
-        return schedule(self, q, now)
-    ContinuousBatching.schedule = counting
-    try:
-        res, df = run_raw(raw)
-    finally:
-        ContinuousBatching.schedule = schedule
+    res, df, calls = _run_counting_schedules(raw)
     _, steps, cuts = _count_fast_steps(raw)
     t = a_first = 0.125 + 16 / 1024                        # A's prompt
     for _ in range(7):                                     # A's decodes; B arrives during the 7th
