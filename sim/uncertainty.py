@@ -16,9 +16,8 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 
 import numpy as np
-from scipy import special
 
-from .intervals import LEVEL, verdict
+from .intervals import LEVEL, t_quantile, verdict
 
 STATS = ("mean", "p50", "p90", "p95", "p99")
 LATENCY = ("ttft", "tpot", "itl", "e2e", "queue")
@@ -59,7 +58,7 @@ def model_half(point: float, xs, q: float) -> float:
     """The model's half-width at quantile q of t(R) (0.975: a two-sided 95% interval): t x the runs' root mean
     square deviation from the unperturbed value."""
     xs = np.asarray(xs, dtype=float)
-    return float(special.stdtrit(len(xs), q) * np.sqrt(np.mean((xs - point) ** 2)))
+    return float(t_quantile(len(xs), q) * np.sqrt(np.mean((xs - point) ** 2)))
 
 
 def model_error_runs(cfg, base, runs: int, progress=None, workers: int | None = None) -> dict:

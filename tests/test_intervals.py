@@ -8,7 +8,7 @@ from scipy import stats
 
 from conftest import BASE, run_raw
 from servesim.sim.config import parse_config
-from servesim.sim.intervals import interval, rate_interval, sections, share_interval, verdict
+from servesim.sim.intervals import interval, rate_interval, sections, share_interval, t_quantile, verdict
 from servesim.sim.report import build_report, summary_markdown
 from servesim.sim.run import simulate
 
@@ -34,6 +34,21 @@ def test_sectioning_interval_is_t_times_the_sections_standard_error():
     lo, hi = interval(1.0, [0.0, 10.0] * 5)              # a latency or rate is never negative: clipped at 0
     assert lo == 0.0 and hi == pytest.approx(1.0 + stats.t.ppf(0.975, 9) * np.std([0, 10] * 5, ddof=1) / np.sqrt(10))
     assert share_interval(1.0, np.ones(100, bool)) == [1.0, 1.0]
+
+
+def test_the_t_table_holds_scipy_s_quantiles():
+    """sim/data/t_quantiles.csv (read instead of importing scipy.special) against scipy, every row; other
+    quantiles and degrees of freedom go to scipy itself."""
+    from scipy import special
+    from servesim.sim.intervals import _t975
+    table = _t975()
+    assert sorted(table) == list(range(1, 201))
+    for df, t in table.items():
+        assert t == pytest.approx(float(special.stdtrit(df, 0.975)), rel=1e-14)
+        assert t_quantile(df, 0.975) == t
+    assert t_quantile(9, 0.5 + 0.95 / 2) == table[9]              # the level the report uses lands on the table
+    assert t_quantile(500, 0.975) == pytest.approx(stats.t.ppf(0.975, 500), rel=1e-12)
+    assert t_quantile(9, 0.95) == pytest.approx(stats.t.ppf(0.95, 9), rel=1e-12)
 
 
 @pytest.mark.parametrize("ci, point, target, want", [
