@@ -340,10 +340,10 @@ class AffineDecodeSteps(DecodeSteps):
     layer), the rest of the step is step 0's. The attention binds on the larger term, and which one changes at
     most once in a run (their difference is affine in j), so over a stretch bound by one term the sums are
     closed forms; the per-step FLOPs, bytes and split are built only when asked for (tracing)."""
-    __slots__ = ("st", "k", "L", "g", "ct0", "dct", "mt0", "dmt", "dfs", "dbs")
+    __slots__ = ("st", "L", "g", "ct0", "dct", "mt0", "dmt", "dfs", "dbs")
 
     def __init__(self, st: StepTime, k: int, L: int, g: int, ct0, dct, mt0, dmt, dfs, dbs):
-        self.st, self.k, self.L, self.g = st, k, L, g
+        self.st, self.L, self.g = st, L, g
         self.ct0, self.dct, self.mt0, self.dmt, self.dfs, self.dbs = ct0, dct, mt0, dmt, dfs, dbs
         j = np.arange(k, dtype=float)
         bound = self._bound(k)
@@ -352,7 +352,6 @@ class AffineDecodeSteps(DecodeSteps):
         else:
             self.secs = self._attn(j)[0] + (st.seconds - L * max(ct0, mt0))
             self.secs[0] = st.seconds
-        self.flops = self.nbytes = self.parts = None
 
     def _bound(self, n: int):
         """True if the compute term binds steps 0 to n - 1 alike, False if the memory term does, None if it

@@ -36,14 +36,31 @@ import numpy as np
 from servesim.hwmodels.step_time import BatchShape
 
 
-def _by_residue(ctx: list, bs: int, shift: int = 0) -> list:
-    """Request indices by (-ctx_i - shift) mod bs, in running order: with shift 0, bucket g holds the requests
-    whose token lands on a block boundary (a new block) in steps g, g + bs, ... of their decoding; with shift 1,
-    those whose block fills then."""
+def _by_residue(ctx: list, bs: int) -> list:
+    """Request indices by -ctx_i mod bs, in running order: bucket g holds the requests whose token lands on a
+    block boundary (a new block) in steps g, g + bs, ... of their decoding."""
     out = [[] for _ in range(bs)]
     for i, c in enumerate(ctx):
-        out[(-c - shift) % bs].append(i)
+        out[-c % bs].append(i)
     return out
+
+
+def _register(pool, reqs: list, ctx: list, grows: list, end_t: list, m: int, prompt=None) -> None:
+    """Publish the blocks the tokens of m decode steps filled, as the plain path does at the end of each step
+    (step by step, running order within a step): request i's block fills in step s when ctx_i + s + 1 is a
+    multiple of the block size, i.e. in the steps of grows shifted by one. end_t[s + 1]: step s's end.
+    prompt: (P, head steps) when P's chunk of each step fills blocks too (P runs last)."""
+    fills = grows[1:] + grows[:1]
+    bs = len(fills)
+    for s in range(m):
+        pool.now = end_t[s + 1]
+        for i in fills[s % bs]:
+            c = ctx[i] + s + 1
+            pool.register_full_blocks(reqs[i], c - 1, c)
+        if prompt is not None:
+            P, head = prompt
+            _, _, chunk, c = head[s]
+            pool.register_full_blocks(P, c, c + chunk)
 
 
 class DecodeRun:
@@ -102,9 +119,8 @@ class DecodeRun:
             grows[g] = grows[g] + [nd]
         else:
             ctx, grows = ctx0, grows0
-        tail, steps, start, secs = k - h, None, now, ()
-        if h:
-            start = now + sum(x[1] for x in head)  # (only to bound the tail: ends are summed one by one below)
+        tail, steps, secs = k - h, None, ()
+        start = now + sum(x[1] for x in head)     # (only to bound the tail: ends are summed one by one below)
         if tail:
             first = model.step_time(BatchShape(decode_cached=ctx, num_sampled=len(reqs)))
             if stop != math.inf:
@@ -116,9 +132,7 @@ class DecodeRun:
         if not h and not tail:
             return None
         k, natural = h + tail, k                  # natural: the step count that ends with a finish
-        # step j runs from ends[j] to ends[j + 1]
-        ends = np.add.accumulate(np.concatenate(([now], [x[1] for x in head], secs)) if h else
-                                 np.concatenate(([now], secs)))
+        ends = np.add.accumulate(np.concatenate(([now], [x[1] for x in head], secs)))   # step j: ends[j] to ends[j + 1]
         n = int(np.searchsorted(ends[1:], stop, side="left")) if stop != math.inf else k   # steps ending before stop
         run = cls()
         run.reqs, run.ctx, run.ends, run.secs, run.steps, run.grows = reqs, ctx, ends, secs, steps, grows
@@ -177,17 +191,13 @@ class DecodeRun:
         nt = n - h                                          # tail steps
         times = ends[: n + 1].tolist()
         # as each step starts: new blocks (the decodes' in running order, then P's chunk's), samples, counters
-        if h:
-            D, P, grows0 = self.D, self.P, self.grows0
-            events = []
-            for j in range(h):
-                events += [(D[i], times[j]) for i in grows0[j % bs]]
-                events += [(P, times[j])] * (self.head_taken[j] - len(grows0[j % bs]))
-            events += [(reqs[i], times[h + s]) for s in range(nt) for i in grows[s % bs]]
-            per_step = self.head_taken[:h] + ([len(g) for g in grows] * (nt // bs + 1))[:nt]
-        else:
-            events = [(reqs[i], times[j]) for j in range(n) for i in grows[j % bs]]
-            per_step = ([len(g) for g in grows] * (n // bs + 1))[:n]
+        D, P, grows0 = self.D, self.P, self.grows0
+        events = []
+        for j in range(h):
+            events += [(D[i], times[j]) for i in grows0[j % bs]]
+            events += [(P, times[j])] * (self.head_taken[j] - len(grows0[j % bs]))
+        events += [(reqs[i], times[h + s]) for s in range(nt) for i in grows[s % bs]]
+        per_step = self.head_taken[:h] + ([len(g) for g in grows] * (nt // bs + 1))[:nt]
         kv_used = np.array(list(accumulate(per_step, initial=pool.num_used))[1:])
         pool.append_blocks_at(events)
         metrics.sample_steps(index, times[:n], 0, b, kv_used)
@@ -205,7 +215,6 @@ class DecodeRun:
                 trace.steps(index, ends[h:n], secs, 0, b, kv_used[h:], 0, b, self.steps.arrays(nt)[3])
         if not nt:                                          # the last step is a head step
             self._head_ends(replica, times, n - 1)
-            D, P = self.D, self.P
             batch = [(r, 1) for r in D]
             batch.append((P, self.head[n - 1][2]))
             if replica.cancelled:
@@ -222,7 +231,7 @@ class DecodeRun:
                 metrics.itl.add_array(tail_ends[1:] - tail_ends[:m], online, tail_ends[1:])
             metrics.on_tokens_array(tail_ends[1:], b, index)
             if pool.caching:
-                self._register(pool, times[h:], m)
+                _register(pool, reqs, self.ctx, grows, times[h:], m)
         replica._complete_run(reqs, nt, times[n - 1], times[n])
 
     def _head_ends(self, replica, times: list, m: int) -> None:
@@ -238,16 +247,8 @@ class DecodeRun:
             metrics.itl.add_array(t - self.ends[:m], online, t)
         for j in range(m):
             metrics.on_tokens(times[j + 1], nd + (j == J - 1), index)
-        if pool.caching:                                    # blocks filled, step by step, in running order
-            fills = self.grows0[1:] + self.grows0[:1]
-            bs = len(fills)
-            for j in range(m):
-                pool.now = times[j + 1]
-                for i in fills[j % bs]:
-                    c = self.ctx0[i] + j + 1
-                    pool.register_full_blocks(D[i], c - 1, c)
-                _, _, chunk, c = self.head[j]
-                pool.register_full_blocks(P, c, c + chunk)
+        if pool.caching:
+            _register(pool, D, self.ctx0, self.grows0, times, m, (P, self.head))
         t = times[m]
         for r in D:
             r.num_computed += m
@@ -258,16 +259,3 @@ class DecodeRun:
         if m == J:                                          # its last chunk: its first token
             P.num_output = 1
             P.first_token = P.last_token = t
-
-    def _register(self, pool, end_t: list, m: int) -> None:
-        """Publish the blocks the tokens of the first m tail steps filled, as the plain path does at the end of
-        each step (step by step, running order within a step): request i's block fills in tail step s when
-        ctx_i + s + 1 is a multiple of the block size. end_t[s + 1]: tail step s's end."""
-        reqs, ctx = self.reqs, self.ctx
-        fills = self.grows[1:] + self.grows[:1]         # a block fills in the step before the next one starts
-        bs = len(fills)
-        for s in range(m):
-            pool.now = end_t[s + 1]
-            for i in fills[s % bs]:
-                c = ctx[i] + s + 1
-                pool.register_full_blocks(reqs[i], c - 1, c)

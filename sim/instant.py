@@ -46,11 +46,12 @@ def move(env: simpy.Environment, ev: simpy.Event, t: float, phase: int) -> simpy
     return new
 
 
-def advance(env: simpy.Environment, t: float) -> bool:
+def advance(env: simpy.Environment, t: float, limit: float) -> bool:
     """Move the clock to t (> now) without an event, when nothing is scheduled before t nor at t: a process that
     would wait on a timeout to t is then the only thing to run until t, so skipping the event's round trip
-    through the queue changes nothing but speed. False: something comes first; wait on an event as usual."""
-    if t < env.peek():              # strictly: at t, events keep their phase order
+    through the queue changes nothing but speed. False: something comes first, or t is at or past the run's
+    stop time `limit` (an event there never fires); wait on an event as usual."""
+    if t < env.peek() and t < limit:   # strictly: at t, events keep their phase order
         env._now = t
         return True
     return False

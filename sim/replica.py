@@ -298,7 +298,7 @@ class Replica:
                                    self.num_running, st, load_s, self.pp)
             if self.pp == 1:
                 epoch = self.epoch
-                if now + dt >= self.stop_time or not advance(env, now + dt):   # (as env.timeout(dt) computes it)
+                if not advance(env, now + dt, self.stop_time):   # (now + dt: as env.timeout(dt) computes it)
                     yield env.timeout(dt)
                     if self.epoch != epoch:              # it crashed during the step: nothing came of it
                         continue
@@ -322,7 +322,7 @@ class Replica:
             run = DecodeRun.plan(self, min(self.horizon(), self.stop_time))
             if run is None:
                 return
-            if not advance(env, run.end):       # (plan ends a run before stop_time)
+            if not advance(env, run.end, self.stop_time):
                 self._run, self._run_end = run, at_time(env, run.end, COMPLETE)
                 yield self._run_end             # moved earlier if an arrival cuts the run (add)
                 if self.epoch != epoch:
@@ -424,8 +424,8 @@ class Replica:
 
     def _complete_run(self, reqs: list, n: int, prev: float, now: float) -> None:
         """The end of a decode run's n steps (DecodeRun.commit has applied their blocks and metrics): each request
-        has n more tokens, the last at now, the one before at prev (n > 1). As n calls of _complete would leave it,
-        without the branches a decoding request cannot take."""
+        has n more tokens, the last at now, the one before at prev (with n = 1, at its own last_token). As n calls
+        of _complete would leave it, without the branches a decoding request cannot take."""
         pool = self.pool
         pool.now = now
         caching, cancelled = pool.caching, self.cancelled
