@@ -109,8 +109,11 @@ def run(config: Path = typer.Argument(..., help="YAML config file"),
         runs = model_error_runs(cfg, base, cfg.output.model_error_runs, step)
     rep = write_outputs(result, out, plots=cfg.output.plots and not no_plots, model_runs=runs)
     if not quiet:
-        from rich.markdown import Markdown
-        Console().print(Markdown(summary_markdown(rep)))
+        if sys.stdout.isatty():               # rendered on a terminal; piped or redirected: the markdown itself
+            from rich.markdown import Markdown
+            Console().print(Markdown(summary_markdown(rep)))
+        else:
+            print(summary_markdown(rep))
         Console().print(f"wrote {out}/ (report.json, requests.csv, timeseries.csv, summary.md, report.html"
                         f"{', plots' if cfg.output.plots and not no_plots else ''})")
 

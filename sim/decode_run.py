@@ -192,14 +192,14 @@ class DecodeRun:
         times = ends[: n + 1].tolist()
         # as each step starts: new blocks (the decodes' in running order, then P's chunk's), samples, counters
         D, P, grows0 = self.D, self.P, self.grows0
-        events = []
+        owners = []
         for j in range(h):
-            events += [(D[i], times[j]) for i in grows0[j % bs]]
-            events += [(P, times[j])] * (self.head_taken[j] - len(grows0[j % bs]))
-        events += [(reqs[i], times[h + s]) for s in range(nt) for i in grows[s % bs]]
+            owners += [D[i] for i in grows0[j % bs]]
+            owners += [P] * (self.head_taken[j] - len(grows0[j % bs]))
+        owners += [reqs[i] for s in range(nt) for i in grows[s % bs]]
         per_step = self.head_taken[:h] + ([len(g) for g in grows] * (nt // bs + 1))[:nt]
         kv_used = np.array(list(accumulate(per_step, initial=pool.num_used))[1:])
-        pool.append_blocks_at(events)
+        pool.append_blocks_at(owners, per_step, times)
         metrics.sample_steps(index, times[:n], 0, b, kv_used)
         stats, trace = replica.stats, metrics.trace
         for j in range(h):

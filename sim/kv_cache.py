@@ -13,6 +13,40 @@ from collections import deque
 from .request import Request, block_hashes
 
 
+class FreeQueue:
+    """Unhashed free block ids, first in first out (vLLM's free block queue order), taken many at a time by
+    slicing: a request's prompt takes dozens at once."""
+    __slots__ = ("ids", "head")
+
+    def __init__(self, ids) -> None:
+        self.ids, self.head = list(ids), 0      # ids[head:] are free
+
+    def __len__(self) -> int:
+        return len(self.ids) - self.head
+
+    def __iter__(self):
+        return iter(self.ids[self.head:])
+
+    def take(self, k: int) -> list:
+        h = self.head
+        out = self.ids[h: h + k]
+        h += k
+        if h > 1024 and 2 * h > len(self.ids):  # drop the taken prefix now and then (amortized O(1) a block)
+            del self.ids[:h]
+            h = 0
+        self.head = h
+        return out
+
+    def popleft(self) -> int:
+        return self.take(1)[0]
+
+    def append(self, b: int) -> None:
+        self.ids.append(b)
+
+    def extend(self, ids) -> None:
+        self.ids.extend(ids)
+
+
 REFETCH_WINDOW_S = 10.0    # an evicted block needed again this soon counts as thrashing (report anomalies)
 
 
@@ -30,7 +64,7 @@ class BlockPool:
         self.hits = [0] * num_blocks
         self.cached_since = [0.0] * num_blocks
         self.by_hash: dict = {}
-        self.free_plain: deque[int] = deque(range(num_blocks))
+        self.free_plain = FreeQueue(range(num_blocks))
         self._heap: list = []
         self._sorted: deque = deque()     # entries pushed in key order (LRU's, nearly all): popped without the heap
         self._stamp = [0] * num_blocks     # heap entry is valid only while its stamp matches
@@ -138,29 +172,31 @@ class BlockPool:
         """`need` new blocks for req, now; the caller has checked num_free."""
         plain = self.free_plain
         if need > len(plain):                # some come from evicting cached blocks
-            return self.append_blocks_at([(req, self.now)] * need)
-        take, ref = plain.popleft, self.ref
-        new = [take() for _ in range(need)]
+            return self.append_blocks_at([req] * need, [need], [self.now])
+        new, ref = plain.take(need), self.ref
         for b in new:
             ref[b] = 1
         req.blocks += new
         self.num_used += need
 
-    def append_blocks_at(self, grows: list) -> None:
-        """One new block for each (req, t) of grows, in order, taken at time t (a decode run's block boundaries,
-        step by step); the caller has checked num_free. Plain-free blocks first, then evicted ones: both come
-        unreferenced and unhashed, so no _take."""
-        plain = self.free_plain
-        evict = len(grows) > len(plain)
-        pop = self._pop_free if evict else plain.popleft
+    def append_blocks_at(self, owners: list, per_step: list, times: list) -> None:
+        """One new block for each request of owners, in order (a decode run's block boundaries, step by step:
+        per_step[j] of them taken as step j starts, at times[j]); the caller has checked num_free. Plain-free
+        blocks first, then evicted ones (at their step's time: the refetch window and eviction hooks read it):
+        both come unreferenced and unhashed, so no _take."""
         ref = self.ref
-        for req, t in grows:
-            if evict:
-                self.now = t                  # when the eviction happens (refetch window, eviction hooks)
-            b = pop()
-            ref[b] = 1
-            req.blocks.append(b)
-        self.num_used += len(grows)
+        if len(owners) <= len(self.free_plain):
+            for req, b in zip(owners, self.free_plain.take(len(owners))):
+                ref[b] = 1
+                req.blocks.append(b)
+        else:
+            at = [t for t, k in zip(times, per_step) for _ in range(k)]
+            for req, t in zip(owners, at):
+                self.now = t
+                b = self._pop_free()
+                ref[b] = 1
+                req.blocks.append(b)
+        self.num_used += len(owners)
 
     def pin(self, key, req: Request) -> None:
         """Hold req's blocks (one more reference each) after it finishes, under key, until unpin(key): an agentic
@@ -186,7 +222,7 @@ class BlockPool:
         n = self.num_blocks
         self.ref, self.hash, self.hits = [0] * n, [None] * n, [0] * n
         self.by_hash, self.pins = {}, {}
-        self.free_plain = deque(range(n))
+        self.free_plain = FreeQueue(range(n))
         self._heap, self._sorted, self._stamp = [], deque(), [0] * n
         self.num_cached_free = self.num_used = 0
         if self.offload is not None:

@@ -114,3 +114,14 @@ def test_missing_config_file(tmp_path):
 
 def test_not_yaml(tmp_path):
     assert_clean_error(run_cfg(tmp_path, "fleet: [unclosed\n"), "not valid YAML")
+
+
+def test_run_prints_the_summary_markdown_itself_when_piped(tmp_path):
+    """Not a terminal: stdout gets summary.md as written (for scripts and files), then where the outputs went."""
+    p = tmp_path / "c.yaml"
+    p.write_text(textwrap.dedent(GOOD))
+    r = servesim(tmp_path, "run", str(p), "-o", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert md.startswith("# servesim report: t\n")
+    assert r.stdout.startswith(md) and r.stdout[len(md):].lstrip().startswith(f"wrote {tmp_path / 'out'}/")
