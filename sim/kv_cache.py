@@ -57,7 +57,9 @@ class BlockPool:
         self.block_size = block_size
         self.caching = enable_prefix_caching
         self.eviction = eviction
-        self.ref = [0] * num_blocks
+        self.ref = [0] * num_blocks           # references per block; kept with caching only: without it no block
+                                              # is shared, cached or pinned, so it is 1 exactly for the blocks
+                                              # requests hold (check() counts those)
         self.hash: list = [None] * num_blocks
         self.last_used = [0.0] * num_blocks   # when last freed: read by eviction keys, computed then (not kept
                                               # without caching, where no block is ever evicted)
@@ -173,9 +175,11 @@ class BlockPool:
         plain = self.free_plain
         if need > len(plain):                # some come from evicting cached blocks
             return self.append_blocks_at([req] * need, [need], [self.now])
-        new, ref = plain.take(need), self.ref
-        for b in new:
-            ref[b] = 1
+        new = plain.take(need)
+        if self.caching:
+            ref = self.ref
+            for b in new:
+                ref[b] = 1
         req.blocks += new
         self.num_used += need
 
@@ -186,10 +190,13 @@ class BlockPool:
         both come unreferenced and unhashed, so no _take."""
         ref = self.ref
         if len(owners) <= len(self.free_plain):
-            for req, b in zip(owners, self.free_plain.take(len(owners))):
-                ref[b] = 1
+            new = self.free_plain.take(len(owners))
+            if self.caching:
+                for b in new:
+                    ref[b] = 1
+            for req, b in zip(owners, new):
                 req.blocks.append(b)
-        else:
+        else:                                 # (evicting: caching is on)
             at = [t for t, k in zip(times, per_step) for _ in range(k)]
             for req, t in zip(owners, at):
                 self.now = t
@@ -237,8 +244,6 @@ class BlockPool:
     def _release(self, blocks: list) -> None:
         ref, now = self.ref, self.now
         if not self.caching:                  # no sharing: each block is referenced once, none is hashed
-            for b in blocks:
-                ref[b] = 0
             self.free_plain.extend(reversed(blocks))
             self.num_used -= len(blocks)
             return
@@ -310,7 +315,17 @@ class BlockPool:
 
     # --- invariants ---------------------------------------------------------------------
     def check(self, live: list[Request] = ()) -> None:
-        ref = self.ref
+        """live: every request holding blocks (pins are the pool's own)."""
+        counted = [0] * self.num_blocks
+        for r in live:
+            for b in r.blocks:
+                counted[b] += 1
+        for blocks in self.pins.values():
+            for b in blocks:
+                counted[b] += 1
+        ref = self.ref if self.caching else counted
+        if not self.caching:
+            assert max(counted, default=0) <= 1, f"block {counted.index(max(counted))} is held twice without caching"
         plain = set(self.free_plain)
         assert len(plain) == len(self.free_plain), "a block is twice in the free list"
         cached_free = {b for _, s, b in [*self._heap, *self._sorted] if self._stamp[b] == s}
@@ -326,12 +341,4 @@ class BlockPool:
         assert used + len(plain) + len(cached_free) == self.num_blocks, "used + free != total"
         for h, b in self.by_hash.items():
             assert self.hash[b] == h
-        if live is not None:
-            counted = [0] * self.num_blocks
-            for r in live:
-                for b in r.blocks:
-                    counted[b] += 1
-            for blocks in self.pins.values():
-                for b in blocks:
-                    counted[b] += 1
-            assert counted == ref, "reference counts differ from the blocks requests hold"
+        assert counted == ref, "reference counts differ from the blocks requests hold"

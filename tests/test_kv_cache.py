@@ -28,6 +28,25 @@ def test_allocation_grows_per_block_and_free_returns_everything():
     pool.check([])
 
 
+def test_freed_blocks_are_reused_first_in_first_out_and_check_catches_a_double_hold():
+    """Without caching the free queue hands out blocks in the order they were freed (tail first, as freed), after
+    the never-used ones; a block held by two requests or both held and free fails check()."""
+    pool = BlockPool(8, 4, eviction=LRU())
+    a, b = req(0, 12), req(1, 8)
+    assert pool.allocate(a, 12) and pool.allocate(b, 8) and (a.blocks, b.blocks) == ([0, 1, 2], [3, 4])
+    pool.free(a)
+    c = req(2, 20)
+    assert pool.allocate(c, 20) and c.blocks == [5, 6, 7, 2, 1]
+    assert list(pool.free_plain) == [0] and pool.num_free == 1
+    pool.check([b, c])
+    b.blocks.append(0)                      # also still free
+    with pytest.raises(AssertionError, match="free block 0 is referenced"):
+        pool.check([b, c])
+    b.blocks[-1] = 5                        # held by c too
+    with pytest.raises(AssertionError, match="block 5 is held twice"):
+        pool.check([b, c])
+
+
 def test_prefix_blocks_are_shared_and_cached_after_free():
     pool = BlockPool(10, 4, enable_prefix_caching=True, eviction=LRU())
     a = req(0, 10, ids=[7, 8, 9], tb=4)       # trace blocks of 4 tokens: 7 | 8 | 9 (partial)
