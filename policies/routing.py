@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+from operator import attrgetter
 from typing import Protocol
+
+_outstanding = attrgetter("outstanding")
 
 
 class Router(Protocol):
@@ -57,7 +60,7 @@ class LeastOutstanding:
         pass
 
     def route(self, request, replicas, now):
-        loads = [r.outstanding for r in replicas]
+        loads = list(map(_outstanding, replicas))
         return loads.index(min(loads))           # the first of the least loaded
 
 
