@@ -40,9 +40,6 @@ class FreeQueue:
     def popleft(self) -> int:
         return self.take(1)[0]
 
-    def append(self, b: int) -> None:
-        self.ids.append(b)
-
     def extend(self, ids) -> None:
         self.ids.extend(ids)
 
@@ -85,7 +82,8 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return len(self.free_plain) + self.num_cached_free
+        fq = self.free_plain                  # (len(fq), without a Python-level call: read every step)
+        return len(fq.ids) - fq.head + self.num_cached_free
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -197,10 +195,15 @@ class BlockPool:
             for req, b in zip(owners, new):
                 req.blocks.append(b)
         else:                                 # (evicting: caching is on)
-            at = [t for t, k in zip(times, per_step) for _ in range(k)]
-            for req, t in zip(owners, at):
+            plain = self.free_plain.take(len(self.free_plain))
+            for req, b in zip(owners, plain):
+                ref[b] = 1
+                req.blocks.append(b)
+            k = len(plain)
+            at = [t for t, m in zip(times, per_step) for _ in range(m)]
+            for req, t in zip(owners[k:], at[k:]):
                 self.now = t
-                b = self._pop_free()
+                b = self._evict()
                 ref[b] = 1
                 req.blocks.append(b)
         self.num_used += len(owners)
@@ -247,13 +250,14 @@ class BlockPool:
             self.free_plain.extend(reversed(blocks))
             self.num_used -= len(blocks)
             return
+        plain = self.free_plain.ids           # (appended to directly: one block at a time here)
         for b in reversed(blocks):
             ref[b] -= 1
             if ref[b] == 0:
                 self.num_used -= 1
                 self.last_used[b] = now
                 if self.hash[b] is None:
-                    self.free_plain.append(b)
+                    plain.append(b)
                 else:
                     self._seq += 1
                     self._stamp[b] = self._seq
@@ -274,8 +278,11 @@ class BlockPool:
         return b
 
     def _pop_free(self) -> int:
-        if self.free_plain:
-            return self.free_plain.popleft()
+        fq = self.free_plain
+        return fq.popleft() if fq.head < len(fq.ids) else self._evict()
+
+    def _evict(self) -> int:
+        """The cached-free block the eviction policy gives up first (its hash forgotten)."""
         heap, ordered, stamp = self._heap, self._sorted, self._stamp
         while True:                           # the smaller head of the two, skipping invalidated entries
             if ordered and (not heap or ordered[0] < heap[0]):
