@@ -170,36 +170,31 @@ class BlockPool:
 
     def append_blocks(self, req: Request, need: int) -> None:
         """`need` new blocks for req, now; the caller has checked num_free."""
-        plain = self.free_plain
-        if need > len(plain):                # some come from evicting cached blocks
+        if need > len(self.free_plain):      # some come from evicting cached blocks
             return self.append_blocks_at([req] * need, [need], [self.now])
-        new = plain.take(need)
+        req.blocks += self._take_plain(need)
+        self.num_used += need
+
+    def _take_plain(self, k: int) -> list:
+        """k plain-free blocks, now referenced (counts are kept with caching only)."""
+        new = self.free_plain.take(k)
         if self.caching:
             ref = self.ref
             for b in new:
                 ref[b] = 1
-        req.blocks += new
-        self.num_used += need
+        return new
 
     def append_blocks_at(self, owners: list, per_step: list, times: list) -> None:
         """One new block for each request of owners, in order (a decode run's block boundaries, step by step:
         per_step[j] of them taken as step j starts, at times[j]); the caller has checked num_free. Plain-free
         blocks first, then evicted ones (at their step's time: the refetch window and eviction hooks read it):
         both come unreferenced and unhashed, so no _take."""
-        ref = self.ref
-        if len(owners) <= len(self.free_plain):
-            new = self.free_plain.take(len(owners))
-            if self.caching:
-                for b in new:
-                    ref[b] = 1
-            for req, b in zip(owners, new):
-                req.blocks.append(b)
-        else:                                 # (evicting: caching is on)
-            plain = self.free_plain.take(len(self.free_plain))
-            for req, b in zip(owners, plain):
-                ref[b] = 1
-                req.blocks.append(b)
-            k = len(plain)
+        plain = self._take_plain(min(len(owners), len(self.free_plain)))
+        for req, b in zip(owners, plain):
+            req.blocks.append(b)
+        k = len(plain)
+        if len(owners) > k:                   # the rest evict cached blocks (caching is on)
+            ref = self.ref
             at = [t for t, m in zip(times, per_step) for _ in range(m)]
             for req, t in zip(owners[k:], at[k:]):
                 self.now = t
