@@ -8,13 +8,17 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import typer
-from rich.console import Console
 
 from .errors import ConfigError, ServesimError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="servesim: discrete-event simulator of LLM serving clusters.")
-err = Console(stderr=True)
+
+
+def console(stderr: bool = False):
+    """rich's console, imported when something is printed (a quiet run skips ~20 ms of imports)."""
+    from rich.console import Console
+    return Console(stderr=stderr)
 
 
 def friendly(fn):
@@ -24,7 +28,7 @@ def friendly(fn):
         try:
             return fn(*a, **k)
         except ServesimError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2)
     return wrapper
 
@@ -84,7 +88,7 @@ def run(config: Path = typer.Argument(..., help="YAML config file"),
     if show:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                      TimeElapsedColumn(), console=err, transient=True) as bar:
+                      TimeElapsedColumn(), console=console(stderr=True), transient=True) as bar:
             task = bar.add_task(cfg.name, total=None, info="")
 
             def progress(t, done, total):
@@ -98,23 +102,23 @@ def run(config: Path = typer.Argument(..., help="YAML config file"),
     if trace_events is not None:
         n = result.metrics.trace.write(trace_events, [f"{r.gpu}/{r.model} tp{r.tp}" for r in result.replicas])
         if not quiet:
-            Console().print(f"wrote {trace_events} ({n:,} iterations)")
+            console().print(f"wrote {trace_events} ({n:,} iterations)")
     runs = None
     if cfg.output.ci and cfg.output.model_error_runs:
         from .uncertainty import model_error_runs
 
         def step(k, n):
             if show:
-                err.print(f"model error: perturbed run {k}/{n}", highlight=False)
+                console(stderr=True).print(f"model error: perturbed run {k}/{n}", highlight=False)
         runs = model_error_runs(cfg, base, cfg.output.model_error_runs, step)
     rep = write_outputs(result, out, plots=cfg.output.plots and not no_plots, model_runs=runs)
     if not quiet:
         if sys.stdout.isatty():               # rendered on a terminal; piped or redirected: the markdown itself
             from rich.markdown import Markdown
-            Console().print(Markdown(summary_markdown(rep)))
+            console().print(Markdown(summary_markdown(rep)))
         else:
             print(summary_markdown(rep))
-        Console().print(f"wrote {out}/ (report.json, requests.csv, timeseries.csv, summary.md, report.html"
+        console().print(f"wrote {out}/ (report.json, requests.csv, timeseries.csv, summary.md, report.html"
                         f"{', plots' if cfg.output.plots and not no_plots else ''})")
 
 

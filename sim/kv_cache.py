@@ -123,17 +123,18 @@ class BlockPool:
             return
         if req.block_hashes is None:
             req.block_hashes = block_hashes(req, self.block_size)
-        hashes = req.block_hashes
+        hashes, blocks = req.block_hashes, req.blocks
         lo = old_computed // self.block_size
         hi = min(new_computed // self.block_size, len(hashes))
+        held, by_hash, since, evicted_at, now = self.hash, self.by_hash, self.cached_since, self.evicted_at, self.now
         for j in range(lo, hi):
-            b = req.blocks[j]
+            b = blocks[j]
             h = hashes[j]
-            if self.hash[b] is None and h not in self.by_hash:
-                self.hash[b] = h
-                self.by_hash[h] = b
-                self.cached_since[b] = self.now
-                if self.evicted_at:
+            if held[b] is None and h not in by_hash:
+                held[b] = h
+                by_hash[h] = b
+                since[b] = now
+                if h in evicted_at:
                     self._refetch(h)
 
     # --- allocation ---------------------------------------------------------------------
@@ -195,10 +196,10 @@ class BlockPool:
         k = len(plain)
         if len(owners) > k:                   # the rest evict cached blocks (caching is on)
             ref = self.ref
-            at = [t for t, m in zip(times, per_step) for _ in range(m)]
-            for req, t in zip(owners[k:], at[k:]):
-                self.now = t
-                b = self._evict()
+            at = None if len(per_step) == 1 else [t for t, m in zip(times, per_step) for _ in range(m)][k:]
+            if at is None:
+                self.now = times[0]
+            for req, b in zip(owners[k:], self._evict_many(len(owners) - k, at)):
                 ref[b] = 1
                 req.blocks.append(b)
         self.num_used += len(owners)
@@ -246,22 +247,27 @@ class BlockPool:
             self.num_used -= len(blocks)
             return
         plain = self.free_plain.ids           # (appended to directly: one block at a time here)
+        last_used, hashes, stamp, ordered, key = self.last_used, self.hash, self._stamp, self._sorted, self.eviction.key
+        seq, freed, cached = self._seq, 0, 0
         for b in reversed(blocks):
             ref[b] -= 1
             if ref[b] == 0:
-                self.num_used -= 1
-                self.last_used[b] = now
-                if self.hash[b] is None:
+                freed += 1
+                last_used[b] = now
+                if hashes[b] is None:
                     plain.append(b)
                 else:
-                    self._seq += 1
-                    self._stamp[b] = self._seq
-                    entry = (self.eviction.key(self, b), self._seq, b)
-                    if not self._sorted or entry > self._sorted[-1]:
-                        self._sorted.append(entry)      # still sorted: a deque, O(1)
+                    seq += 1
+                    stamp[b] = seq
+                    entry = (key(self, b), seq, b)
+                    if not ordered or entry > ordered[-1]:
+                        ordered.append(entry)           # still sorted: a deque, O(1)
                     else:
                         heapq.heappush(self._heap, entry)
-                    self.num_cached_free += 1
+                    cached += 1
+        self._seq = seq
+        self.num_used -= freed                # (keys read the block's own state only: counts are set once)
+        self.num_cached_free += cached
 
     def _take(self, b: int) -> int:
         if self.ref[b] == 0:
@@ -278,36 +284,46 @@ class BlockPool:
 
     def _evict(self) -> int:
         """The cached-free block the eviction policy gives up first (its hash forgotten)."""
-        heap, ordered, stamp = self._heap, self._sorted, self._stamp
-        while True:                           # the smaller head of the two, skipping invalidated entries
-            if ordered and (not heap or ordered[0] < heap[0]):
-                key, seq, b = ordered.popleft()
-            else:
-                key, seq, b = heapq.heappop(heap)
-            if stamp[b] == seq:
-                break
-        self.last_evicted_key = key
-        self._stamp[b] = -1
-        self.num_cached_free -= 1
-        if self.offload is not None:
-            self.offload.put(self.hash[b])
-        del self.by_hash[self.hash[b]]
-        self._evicted(self.hash[b])
-        if self.on_evict is not None:
-            self.on_evict(self, self.hash[b], key)
-        self.hash[b] = None
-        self.evictions += 1
-        return b
+        return self._evict_many(1)[0]
 
-    def _evicted(self, h) -> None:
-        """Remember h's eviction for REFETCH_WINDOW_S (older ones can no longer count as thrashing)."""
-        now, order, at = self.now, self._evictions, self.evicted_at
-        at[h] = now
-        order.append((now, h))
-        while order[0][0] < now - REFETCH_WINDOW_S:
-            t, old = order.popleft()
-            if at.get(old) == t:             # not evicted again since
-                del at[old]
+    def _evict_many(self, n: int, at: list | None = None) -> list:
+        """The next n blocks _evict would give, one after another, at the times in `at` (a decode run's steps) or
+        now. One loop over locals: a long prompt on a full cache evicts hundreds of blocks at once."""
+        heap, ordered, stamp, hashes, by_hash = self._heap, self._sorted, self._stamp, self.hash, self.by_hash
+        evicted_at, order, offload, hook = self.evicted_at, self._evictions, self.offload, self.on_evict
+        now, out, key, free = self.now, [], None, self.num_cached_free
+        for i in range(n):
+            if at is not None:
+                now = at[i]
+            while True:                       # the smaller head of the two, skipping invalidated entries
+                if ordered and (not heap or ordered[0] < heap[0]):
+                    key, seq, b = ordered.popleft()
+                else:
+                    key, seq, b = heapq.heappop(heap)
+                if stamp[b] == seq:
+                    break
+            stamp[b] = -1
+            h = hashes[b]
+            hashes[b] = None
+            del by_hash[h]
+            if offload is not None:
+                offload.put(h)
+            # h's eviction is remembered for REFETCH_WINDOW_S (older ones can no longer count as thrashing)
+            evicted_at[h] = now
+            order.append((now, h))
+            while order[0][0] < now - REFETCH_WINDOW_S:
+                t, old = order.popleft()
+                if evicted_at.get(old) == t:  # not evicted again since
+                    del evicted_at[old]
+            if hook is not None:              # (it reads the pool as it is after this eviction)
+                self.now, self.last_evicted_key, self.num_cached_free = now, key, free - i - 1
+                hook(self, h, key)
+            out.append(b)
+        if n:
+            self.now, self.last_evicted_key = now, key
+        self.num_cached_free = free - n
+        self.evictions += n
+        return out
 
     def _refetch(self, h) -> None:
         """A block holds hash h again: count it when h was evicted shortly before (KV thrashing)."""

@@ -137,6 +137,29 @@ def test_eviction_follows_the_key_order_across_the_heap_and_the_in_order_queue()
     assert pool.evictions == 7 and pool.num_free == 0
 
 
+def test_a_long_prompt_evicts_many_blocks_in_key_order_as_one_at_a_time_would():
+    """A prompt needing more blocks than are plain-free evicts the rest in one pass: the same blocks in the same
+    (key, free order) as single evictions, each seen by the eviction hook with the pool as it is after it."""
+    keys = [5.0, 7.0, 1.0, 7.0, 3.0, 9.0, 2.0, 8.0]
+    pool = BlockPool(9, 4, enable_prefix_caching=True, eviction=_Scripted(keys))
+    rs = [req(i, 4, ids=[100 + i], tb=4) for i in range(8)]
+    for r in rs:
+        pool.allocate(r, 4)
+        pool.register_full_blocks(r, 0, 4)
+        pool.free(r)
+    seen = []
+    pool.on_evict = lambda p, h, key: seen.append((p.now, h, key, p.num_cached_free, p.last_evicted_key))
+    pool.now = 3.0
+    big = req(40, 36)
+    assert pool.allocate(big, 36)
+    assert big.blocks == [8, 2, 6, 4, 0, 1, 3, 7, 5]           # the plain-free block first, then by key
+    order = [2, 6, 4, 0, 1, 3, 7, 5]
+    assert seen == [(3.0, rs[b].block_hashes[0], keys[b], 7 - i, keys[b]) for i, b in enumerate(order)]
+    assert pool.evictions == 8 and pool.num_free == 0 and pool.num_used == 9 and pool.by_hash == {}
+    assert pool.evicted_at == {rs[b].block_hashes[0]: 3.0 for b in order}
+    pool.check(live=[big])
+
+
 def test_lfu_evicts_the_least_hit_block_first_then_the_least_recent():
     pool = BlockPool(4, 4, enable_prefix_caching=True, eviction=LFU())
     blocks = {}

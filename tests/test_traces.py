@@ -1,4 +1,6 @@
 """Trace loaders on the bundled samples, synthetic generators, closed-loop clients."""
+import re
+
 import numpy as np
 import pytest
 
@@ -30,6 +32,24 @@ def test_lengths_only_trace_needs_an_arrival_process():
                         "workload": {"kind": "trace", "path": "bundled:sharegpt_lengths_head5000.csv.gz"}})
     with pytest.raises(TraceError, match="no arrival times; use workload kind 'synthetic'"):
         build_workload(cfg.workload, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("1,100,5\n2,0,5\n", "t.csv:3: column prompt_tokens is '0'; expected an integer >= 1"),          # int, too small
+    ("1,100,5\n2,7.5,5\n", "t.csv:3: column prompt_tokens is '7.5'; expected an integer >= 1"),      # read as float
+    ("1,100,5\n2,100,\n", "t.csv:3: column output_tokens is ''; expected an integer >= 1"),          # empty cell
+    ("1,100,5\n-2,100,5\n", "t.csv:3: arrival_s '-2' is not a number >= 0"),
+])
+def test_a_bad_csv_cell_is_quoted_as_written(tmp_path, rows, message):
+    """Cells pandas reads as integers are taken at once; any other cell is checked on its text, so the error
+    quotes it as the file has it."""
+    (tmp_path / "t.csv").write_text("arrival_s,prompt_tokens,output_tokens\n" + rows)
+    with pytest.raises(TraceError, match=re.escape(message)):
+        load_trace(tmp_path / "t.csv")
+    (tmp_path / "t.csv").write_text("arrival_s,prompt_tokens,output_tokens\n0.5,100,5\n1.25,7,1\n")
+    tr = load_trace(tmp_path / "t.csv")
+    assert tr.prompt.dtype == np.int64 and tr.prompt.tolist() == [100, 7] and tr.output.tolist() == [5, 1]
+    assert tr.arrival.tolist() == [0.0, 0.75]
 
 
 def test_cap_total_tokens_shortens_prompts_like_vidur():

@@ -77,9 +77,11 @@ def detect_format(path: Path) -> str:
                      f"set workload format to one of {', '.join(FORMATS)}")
 
 
-def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+def _read_csv(path: Path, columns: list[str], as_text: bool = False) -> pd.DataFrame:
+    """The CSV's cells, typed by pandas (integer columns come as int64 at once) or, as_text, as the strings
+    written (what an error message quotes)."""
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(path, dtype=str if as_text else None, keep_default_na=False)
     except pd.errors.ParserError as e:
         raise TraceError(f"{path}: malformed CSV: {e}") from None
     except (OSError, UnicodeDecodeError, EOFError) as e:
@@ -90,6 +92,20 @@ def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     if df.empty:
         raise TraceError(f"{path}: no rows")
     return df
+
+
+def _int_columns(df: pd.DataFrame, cols: list[str], path: Path, minimum: int) -> list[np.ndarray]:
+    """The columns as int64 arrays. Columns pandas read as integers only need their minimum checked; anything
+    else (or a value below minimum) is checked cell by cell on the text, so the error quotes the cell."""
+    out = []
+    for col in cols:
+        v = df[col]
+        if v.dtype.kind in "iu" and (v.size == 0 or v.min() >= minimum):
+            out.append(v.to_numpy(dtype=np.int64))
+        else:
+            text = _read_csv(path, cols, as_text=True)
+            return [_int_column(text, c, path, minimum) for c in cols]
+    return out
 
 
 def _int_column(df: pd.DataFrame, col: str, path: Path, minimum: int) -> np.ndarray:
@@ -109,14 +125,12 @@ def load_azure(path: Path) -> Trace:
         raise TraceError(f"{path}:{i + 2}: TIMESTAMP {df['TIMESTAMP'].iloc[i]!r} is not 'YYYY-MM-DD HH:MM:SS.fffffff'")
     t = (ts - ts.iloc[0]).dt.total_seconds().to_numpy()
     _check_sorted(t, path, 2)
-    return Trace(_int_column(df, "ContextTokens", path, 1), _int_column(df, "GeneratedTokens", path, 1), t,
-                 source=str(path))
+    return Trace(*_int_columns(df, ["ContextTokens", "GeneratedTokens"], path, 1), t, source=str(path))
 
 
 def load_lengths(path: Path) -> Trace:
     df = _read_csv(path, ["num_prefill_tokens", "num_decode_tokens"])
-    return Trace(_int_column(df, "num_prefill_tokens", path, 1), _int_column(df, "num_decode_tokens", path, 1),
-                 source=str(path))
+    return Trace(*_int_columns(df, ["num_prefill_tokens", "num_decode_tokens"], path, 1), source=str(path))
 
 
 def load_servesim(path: Path) -> Trace:
@@ -124,11 +138,11 @@ def load_servesim(path: Path) -> Trace:
     t = pd.to_numeric(df["arrival_s"], errors="coerce")
     if (t.isna() | (t < 0)).any():
         i = int(np.argmax((t.isna() | (t < 0)).to_numpy()))
-        raise TraceError(f"{path}:{i + 2}: arrival_s {df['arrival_s'].iloc[i]!r} is not a number >= 0")
+        cell = _read_csv(path, [], as_text=True)["arrival_s"].iloc[i]
+        raise TraceError(f"{path}:{i + 2}: arrival_s {cell!r} is not a number >= 0")
     t = t.to_numpy(dtype=float)
     _check_sorted(t, path, 2)
-    return Trace(_int_column(df, "prompt_tokens", path, 1), _int_column(df, "output_tokens", path, 1), t - t[0],
-                 source=str(path))
+    return Trace(*_int_columns(df, ["prompt_tokens", "output_tokens"], path, 1), t - t[0], source=str(path))
 
 
 def load_mooncake(path: Path, block_size: int = 512) -> Trace:
