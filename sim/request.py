@@ -101,13 +101,9 @@ def block_hashes(req: Request, block_size: int) -> list:
     if req.prefix_ids is None:
         return [(-1 - req.id, j) for j in range(n)]
     tb, ids = req.prefix_block_size, req.prefix_ids
-    out = []
-    for j in range(n):
-        end = (j + 1) * block_size
-        k = (end - 1) // tb
-        if k >= len(ids) or (k + 1) * tb > req.prompt_tokens:
-            break  # only blocks inside full trace blocks are shareable
-        out.append((ids[k], end))
+    # only blocks inside the trace's full blocks are shareable: those ending at or before token K x tb
+    shared = min(n, min(len(ids), req.prompt_tokens // tb) * tb // block_size)
+    out = [(ids[(end - 1) // tb], end) for end in range(block_size, (shared + 1) * block_size, block_size)]
     # the remaining full blocks (the prompt's rest, then its output) are private to the request
-    out.extend((-1 - req.id, j) for j in range(len(out), n))
+    out.extend((-1 - req.id, j) for j in range(shared, n))
     return out
