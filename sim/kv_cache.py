@@ -72,8 +72,8 @@ class BlockPool:
         self.num_used = 0
         self.evictions = 0
         self.pins: dict = {}                 # key -> blocks held for a session between its turns (insertion order)
-        self.evicted_at: dict = {}           # hash -> when its block was evicted, within the last REFETCH_WINDOW_S
-        self._evictions: deque = deque()      # (time, hash) in eviction order: what leaves the window first
+        self.evicted_at: dict = {}           # hash -> when its block was evicted (older than REFETCH_WINDOW_S: pruned
+        self._prune_at = 4096                # once the dict has this many entries, amortized O(1) an eviction)
         self.on_evict = None                 # callback(pool, hash, key) when decisions are traced
         self.refetched = 0                   # blocks computed or loaded again within REFETCH_WINDOW_S of eviction
         self.last_evicted_key = None         # the eviction key of the last block evicted (aging policies read it)
@@ -131,11 +131,13 @@ class BlockPool:
             b = blocks[j]
             h = hashes[j]
             if held[b] is None and h not in by_hash:
+                if h in evicted_at:
+                    if evicted_at[h] >= now:  # evicted as a later step started (a decode run takes all its steps'
+                        continue              # blocks first): still cached when this one ended, as on the plain path
+                    self._refetch(h)
                 held[b] = h
                 by_hash[h] = b
                 since[b] = now
-                if h in evicted_at:
-                    self._refetch(h)
 
     # --- allocation ---------------------------------------------------------------------
     def can_allocate(self, req: Request, num_tokens: int, hits: list[int] = ()) -> bool:
@@ -290,7 +292,7 @@ class BlockPool:
         """The next n blocks _evict would give, one after another, at the times in `at` (a decode run's steps) or
         now. One loop over locals: a long prompt on a full cache evicts hundreds of blocks at once."""
         heap, ordered, stamp, hashes, by_hash = self._heap, self._sorted, self._stamp, self.hash, self.by_hash
-        evicted_at, order, offload, hook = self.evicted_at, self._evictions, self.offload, self.on_evict
+        evicted_at, offload, hook = self.evicted_at, self.offload, self.on_evict
         now, out, key, free = self.now, [], None, self.num_cached_free
         for i in range(n):
             if at is not None:
@@ -308,13 +310,7 @@ class BlockPool:
             del by_hash[h]
             if offload is not None:
                 offload.put(h)
-            # h's eviction is remembered for REFETCH_WINDOW_S (older ones can no longer count as thrashing)
-            evicted_at[h] = now
-            order.append((now, h))
-            while order[0][0] < now - REFETCH_WINDOW_S:
-                t, old = order.popleft()
-                if evicted_at.get(old) == t:  # not evicted again since
-                    del evicted_at[old]
+            evicted_at[h] = now               # (a refetch within REFETCH_WINDOW_S counts as thrashing)
             if hook is not None:              # (it reads the pool as it is after this eviction)
                 self.now, self.last_evicted_key, self.num_cached_free = now, key, free - i - 1
                 hook(self, h, key)
@@ -323,6 +319,11 @@ class BlockPool:
             self.now, self.last_evicted_key = now, key
         self.num_cached_free = free - n
         self.evictions += n
+        if len(evicted_at) > self._prune_at:  # evictions too old to count any more are forgotten (older than
+            cutoff = (at[0] if at else now) - REFETCH_WINDOW_S   # the window before the first: a run's steps come later)
+            for h in [h for h, t in evicted_at.items() if t < cutoff]:
+                del evicted_at[h]
+            self._prune_at = max(4096, 2 * len(evicted_at))
         return out
 
     def _refetch(self, h) -> None:

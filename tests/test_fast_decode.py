@@ -35,6 +35,11 @@ def _same(raw):
         assert (a.decode_tokens, a.prefill_tokens) == (b.decode_tokens, b.prefill_tokens)
         np.testing.assert_allclose([a.busy_s, a.kv_block_seconds, a.flops, a.bytes],
                                    [b.busy_s, b.kv_block_seconds, b.flops, b.bytes], rtol=1e-9)
+    # the KV pools end alike: the same prefixes cached, as many evictions and refetches (thrashing)
+    for a, b in zip(res_f.pools, res_p.pools):
+        assert (a.evictions, a.refetched, a.num_used, a.num_cached_free) == \
+            (b.evictions, b.refetched, b.num_used, b.num_cached_free)
+        assert sorted(a.by_hash, key=str) == sorted(b.by_hash, key=str)
     return res_f, df_f
 
 
@@ -75,6 +80,22 @@ def test_prefix_caching_on_the_mooncake_trace():
                        "max_requests": 300}
     res, df = _same(raw)
     assert df["cached_prompt_tokens"].sum() > 0
+
+
+def test_kv_thrashing_counts_on_a_full_prefix_cache():
+    """The Mooncake benchmark's fleet on its first 700 requests: the cache is full, so a decode run's new blocks
+    evict cached ones, and it takes all its steps' blocks before publishing the blocks they filled. Refetches
+    (KV thrashing) must still count as the plain path counts them: an eviction by a later step neither hides
+    an earlier refetch (the window of remembered evictions) nor lets an earlier step publish a hash still
+    cached when it ended."""
+    raw = _fast_base()
+    raw["seed"] = 0
+    raw["fleet"]["replicas"][0].update(count=8, engine={"enable_prefix_caching": True})
+    raw["policies"] = {"routing": {"name": "least_outstanding"}}
+    raw["workload"] = {"kind": "trace", "path": "bundled:mooncake_conversation_head3000.jsonl.gz",
+                       "max_requests": 700}
+    res, _ = _same(raw)
+    assert sum(p.refetched for p in res.pools) > 1000 and sum(p.evictions for p in res.pools) > 100_000
 
 
 def test_closed_loop_clients_and_static_batching():
