@@ -24,7 +24,8 @@ class StreamingHistogram:
         self.counts = np.zeros(self.DECADES * self.PER_DECADE + 2, dtype=np.int64)  # [underflow, bins..., overflow]
         self.by_section = np.zeros((2 * self.SECTIONS, self.counts.size), dtype=np.int64)
         self.section_s = 1e-3
-        self.t0 = None                      # sections start at the first observation's time
+        self.t0 = None                      # sections start here: the run's first arrival (Metrics sets it), else
+                                            # the earliest value of the first flush
         self.n = 0
         self.total = 0.0
         self.max = 0.0
@@ -54,16 +55,20 @@ class StreamingHistogram:
                 self.flush()
 
     def flush(self) -> None:
+        parts = []
         if self._buf:
-            v = np.asarray(self._buf, dtype=float)
             t = np.repeat([a for a, _ in self._buf_t], [k for _, k in self._buf_t])
+            parts.append((np.asarray(self._buf, dtype=float), None, t))
             self._buf, self._buf_t = [], []
-            self._bin(v, None, t)
         if self._runs:
             v = np.concatenate([r[0] for r in self._runs])
             w = np.repeat([r[1] for r in self._runs], [len(r[0]) for r in self._runs])
             t = np.concatenate([r[2] for r in self._runs])
+            parts.append((v, w, t))
             self._runs, self._run_len = [], 0
+        if parts and self.t0 is None:
+            self.t0 = min(float(t.min()) for _, _, t in parts)
+        for v, w, t in parts:
             self._bin(v, w, t)
 
     def _bin(self, v: np.ndarray, w: np.ndarray | None, t: np.ndarray) -> None:
@@ -78,8 +83,6 @@ class StreamingHistogram:
         delta = np.bincount(idx, weights=w, minlength=nb).astype(np.int64)
         self.counts += delta
         rows = len(self.by_section)
-        if self.t0 is None:
-            self.t0 = float(t.min())
         t = np.maximum(t - self.t0, 0.0)
         while float(t.max()) >= rows * self.section_s:          # merge neighbours, double the width
             s = self.by_section
@@ -228,6 +231,8 @@ class Metrics:
         self.in_system += delta
 
     def on_arrival(self, req, now: float) -> None:
+        if self.itl.t0 is None:         # ITL's time sections start with the run (the same on either decode path)
+            self.itl.t0 = now
         self.requests.append(req)
         self._in_system_step(now, +1)
 

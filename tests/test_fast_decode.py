@@ -26,6 +26,10 @@ def _same(raw):
     assert list(df_f["cached_prompt_tokens"]) == list(df_p["cached_prompt_tokens"])
     assert [s.iterations for s in res_f.metrics.replicas] == [s.iterations for s in res_p.metrics.replicas]
     assert res_f.metrics.itl.n == res_p.metrics.itl.n
+    for h in (res_f.metrics.itl, res_p.metrics.itl):       # ITL's time sections (its confidence intervals)
+        h.flush()
+    assert res_f.metrics.itl.t0 == res_p.metrics.itl.t0 and res_f.metrics.itl.section_s == res_p.metrics.itl.section_s
+    assert np.array_equal(res_f.metrics.itl.by_section, res_p.metrics.itl.by_section)
     # the time series and counters the report is built from
     assert np.array_equal(res_f.metrics.tokens_per_bucket, res_p.metrics.tokens_per_bucket)
     assert np.array_equal(res_f.metrics.replica_tokens, res_p.metrics.replica_tokens)
