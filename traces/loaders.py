@@ -100,7 +100,7 @@ def _int_columns(df: pd.DataFrame, cols: list[str], path: Path, minimum: int) ->
     out = []
     for col in cols:
         v = df[col]
-        if v.dtype.kind in "iu" and (v.size == 0 or v.min() >= minimum):
+        if v.dtype.kind == "i" and (v.size == 0 or v.min() >= minimum):
             out.append(v.to_numpy(dtype=np.int64))
         else:
             text = _read_csv(path, cols, as_text=True)
