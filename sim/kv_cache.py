@@ -54,6 +54,7 @@ class BlockPool:
         self.block_size = block_size
         self.caching = enable_prefix_caching
         self.eviction = eviction
+        self._keyed_by_time = getattr(eviction, "key_is_time_freed", False)   # its key() is pool.last_used[block]
         self.ref = [0] * num_blocks           # references per block; kept with caching only: without it no block
                                               # is shared, cached or pinned, so it is 1 exactly for the blocks
                                               # requests hold (check() counts those)
@@ -251,6 +252,8 @@ class BlockPool:
         plain = self.free_plain.ids           # (appended to directly: one block at a time here)
         last_used, hashes, stamp, ordered, key = self.last_used, self.hash, self._stamp, self._sorted, self.eviction.key
         seq, freed, cached = self._seq, 0, 0
+        # a policy keyed by the time freed (LRU): this release's entries come after every queued one, in order
+        by_time = self._keyed_by_time and (not ordered or now >= ordered[-1][0])
         for b in reversed(blocks):
             ref[b] -= 1
             if ref[b] == 0:
@@ -261,6 +264,10 @@ class BlockPool:
                 else:
                     seq += 1
                     stamp[b] = seq
+                    if by_time:
+                        ordered.append((now, seq, b))
+                        cached += 1
+                        continue
                     entry = (key(self, b), seq, b)
                     if not ordered or entry > ordered[-1]:
                         ordered.append(entry)           # still sorted: a deque, O(1)

@@ -160,6 +160,37 @@ def test_a_long_prompt_evicts_many_blocks_in_key_order_as_one_at_a_time_would():
     pool.check(live=[big])
 
 
+class _KeyedLRU(LRU):
+    key_is_time_freed = False       # the pool calls key() for every freed block
+
+
+def test_lru_keyed_by_time_freed_evicts_as_when_its_key_is_called():
+    """LRU says its key is the time freed, so the pool queues a release's blocks without calling key(): the same
+    blocks are evicted in the same order, at every step of a random mix of prefixes, frees and time."""
+    rng = np.random.default_rng(3)
+    pools = [BlockPool(24, 4, enable_prefix_caching=True, eviction=p()) for p in (LRU, _KeyedLRU)]
+    held = [[], []]
+    for step in range(400):
+        ids = [int(x) for x in rng.integers(0, 40, size=int(rng.integers(1, 5)))]
+        ids = [ids[0] * 10 + j for j in range(len(ids))]          # prefix-chained: shared heads, varied tails
+        free_one = rng.random() < 0.5
+        for pool, mine in zip(pools, held):
+            pool.now = step * 0.5
+            if mine and (free_one or pool.num_free < 8):
+                pool.free(mine.pop(0))
+            r = req(step, 4 * len(ids), ids=ids, tb=4)
+            hits = pool.lookup(r, r.prompt_tokens)
+            if pool.allocate(r, r.prompt_tokens, hits):
+                pool.register_full_blocks(r, 0, r.prompt_tokens)
+                mine.append(r)
+        a, b = pools
+        assert [r.blocks for r in held[0]] == [r.blocks for r in held[1]]
+        assert (a.evictions, a.num_cached_free, list(a._sorted), a._heap) == \
+            (b.evictions, b.num_cached_free, list(b._sorted), b._heap)
+    assert pools[0].evictions > 50 and not pools[0]._heap       # LRU's entries all came in order
+    pools[0].check(live=held[0])
+
+
 def test_lfu_evicts_the_least_hit_block_first_then_the_least_recent():
     pool = BlockPool(4, 4, enable_prefix_caching=True, eviction=LFU())
     blocks = {}
