@@ -326,8 +326,14 @@ def build_report(result, df: pd.DataFrame | None = None) -> dict:
 
 
 def timeseries(result) -> pd.DataFrame:
-    rows = [(i, *s) for i, st in enumerate(result.metrics.replicas) for s in st.samples]
-    ts = pd.DataFrame(rows, columns=["replica", "t_s", "waiting", "running", "kv_used_blocks"])
+    """Every replica's samples (time, waiting, running, KV blocks used), replica by replica. Built from one array per
+    replica: pandas takes ~15 us a row from a list of tuples (4 s for the 1M benchmark's samples)."""
+    reps = result.metrics.replicas
+    arrs = [np.array(st.samples, dtype=float).reshape(-1, 4) for st in reps]     # counts stay exact (< 2^53)
+    a = np.concatenate(arrs)
+    ts = pd.DataFrame({"replica": np.repeat(np.arange(len(reps)), [len(x) for x in arrs]), "t_s": a[:, 0],
+                       "waiting": a[:, 1].astype(np.int64), "running": a[:, 2].astype(np.int64),
+                       "kv_used_blocks": a[:, 3].astype(np.int64)})
     blocks = {r.index: r.num_blocks for r in result.replicas}
     ts["kv_usage"] = ts["kv_used_blocks"] / ts["replica"].map(blocks)
     return ts
