@@ -264,12 +264,8 @@ class BlockPool:
                 else:
                     seq += 1
                     stamp[b] = seq
-                    if by_time:
-                        ordered.append((now, seq, b))
-                        cached += 1
-                        continue
-                    entry = (key(self, b), seq, b)
-                    if not ordered or entry > ordered[-1]:
+                    entry = (now if by_time else key(self, b), seq, b)
+                    if by_time or not ordered or entry > ordered[-1]:
                         ordered.append(entry)           # still sorted: a deque, O(1)
                     else:
                         heapq.heappush(self._heap, entry)
